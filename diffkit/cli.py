@@ -1,0 +1,265 @@
+"""``diffkit`` command line: simulate, train, evaluate, predict, map, demo, serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+DEMO_CATALOG = pathlib.Path(__file__).resolve().parent.parent / "catalogs" / "demo.yaml"
+
+
+def _demo_catalog_path(arg):
+    if arg:
+        return arg
+    if DEMO_CATALOG.exists():
+        return str(DEMO_CATALOG)
+    raise SystemExit("demo catalog not found; pass --catalog PATH (the repository's catalogs/demo.yaml)")
+
+
+def cmd_info(args):
+    import torch
+
+    from . import __version__
+    from .models.registry import model_cards
+
+    print(f"diffkit {__version__}; torch {torch.__version__}; device: {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    for kind in ("pacbed", "disks"):
+        for c in model_cards(kind):
+            ho = c.get("held_out", {})
+            extra = ""
+            if kind == "pacbed" and ho:
+                extra = (f"  held-out: thickness ±1 nm {ho.get('thickness_within_1nm', float('nan')):.1%}, "
+                         f"tilt ±0.25 mrad {ho.get('tilt_within_0.25mrad', float('nan')):.1%}")
+            print(f"  {kind}: {c['id']}{extra}")
+
+
+def cmd_simulate(args):
+    if args.what == "library":
+        import numpy as np
+
+        from .models.train import default_spec
+        from .sim.pacbed import build_pacbed_library
+
+        spec = default_spec(args.material, args.zone, args.kv, args.convergence)
+        t = time.perf_counter()
+        lib = build_pacbed_library(spec, cache_dir=args.cache, progress=True)
+        print(f"library: {dict(lib.sizes)}; {lib.attrs['n_directions']} Bloch solves with {lib.attrs['n_beams']} beams; "
+              f"pixel {lib.attrs['pixel_size_mrad']:.4f} mrad/px; built in {lib.attrs['build_seconds']} s "
+              f"(this call {time.perf_counter() - t:.1f} s)")
+    elif args.what == "demo":
+        from .sim.demo import DemoScanSpec, write_demo_scan
+
+        spec = DemoScanSpec(convergence_mrad=args.convergence)
+        if args.convergence > 16:
+            spec.thickness_range_nm = (20.0, 50.0)
+            spec.pixel_ratio = 1.3
+        if args.scan:
+            spec.scan_shape = (args.scan, args.scan)
+        out = args.out or f"catalogs/data/sto_pacbed_wedge{'' if args.convergence < 16 else '_19mrad'}.zarr"
+        write_demo_scan(out, spec)
+        print(f"wrote {out}")
+    elif args.what == "strain-demo":
+        from .strain import make_strain_demo_scan
+
+        out = args.out or "catalogs/data/si_strain_nbed.zarr"
+        make_strain_demo_scan(out)
+        print(f"wrote {out}")
+
+
+def cmd_train(args):
+    if args.what == "pacbed":
+        from .models.pacbed_training import TrainConfig
+        from .models.train import train_pacbed
+
+        cfg = None
+        if args.smoke:
+            cfg = TrainConfig(measure_steps=30, align_steps=20, batch_size=32)
+        elif args.measure_steps or args.align_steps:
+            cfg = TrainConfig()
+            cfg.measure_steps = args.measure_steps or cfg.measure_steps
+            cfg.align_steps = args.align_steps or cfg.align_steps
+        p = train_pacbed(args.material, args.zone, args.kv, args.convergence, out_dir=args.out, config=cfg,
+                         smoke=args.smoke, cache_dir=args.cache)
+        print(f"model card: {p}")
+    else:
+        from .models.disks_training import main as train_disks
+
+        train_disks(out_dir=args.out, smoke=args.smoke)
+
+
+def cmd_evaluate(args):
+    from .models.pacbed_eval import evaluate, make_test_set
+    from .models.train import default_spec
+    from .pacbed import load_predictor
+    from .sim.pacbed import build_pacbed_library
+
+    pred = load_predictor(material=args.material, zone=args.zone, energy_kv=args.kv, convergence_mrad=args.convergence)
+    lib = build_pacbed_library(default_spec(args.material, args.zone, args.kv, args.convergence), cache_dir=args.cache)
+    rep, _ = evaluate(pred, make_test_set(lib, n=args.n, seed=args.seed))
+    shipped = pred.card.get("held_out", {})
+    print(json.dumps(rep, indent=1))
+    keys = ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "tilt_within_0.5mrad",
+            "center_within_1px", "size_within_1pct", "rotation_within_1deg", "thickness_coverage_68", "thickness_coverage_95"]
+    print(f"{'metric':28s} {'this run':>9s} {'model card':>10s}")
+    for k in keys:
+        print(f"{k:28s} {rep[k]:9.3f} {shipped.get(k, float('nan')):10.3f}")
+
+
+def cmd_predict(args):
+    import numpy as np
+
+    from .calibration import Calibration
+    from .pacbed import load_predictor
+
+    arr = np.load(args.file, mmap_mode="r")
+    if arr.ndim == 4:
+        arr = np.asarray(arr).reshape(-1, *arr.shape[-2:]).mean(0)
+    cal = Calibration(beam_energy_kv=args.kv, convergence_mrad=args.convergence, pixel_size_mrad=args.pixel_size,
+                      material=args.material, zone_axis=args.zone)
+    pred = load_predictor(cal)
+    res = pred.predict(np.asarray(arr, dtype=np.float32), background_strength=args.background,
+                       pixel_size_mrad=args.pixel_size)
+    print(res.to_dataframe().T.to_string() if hasattr(res, "to_dataframe") else res)
+
+
+def _load_entry(args):
+    from .catalog import open_catalog
+
+    cat = open_catalog(_demo_catalog_path(args.catalog), **({"dose": args.dose} if args.dose else {}))
+    return cat[args.entry].read()
+
+
+def cmd_map(args):
+    from .maps import map_pacbed
+    from .report import compare_to_truth, plot_pacbed_maps
+
+    if args.source and pathlib.Path(args.source).exists():
+        from .io import load
+
+        data = load(args.source)
+    else:
+        args.entry = args.source or args.entry
+        data = _load_entry(args)
+    t = time.perf_counter()
+    window = (args.window, args.window)
+    step = (args.step, args.step) if args.step else None
+    maps = map_pacbed(data, window=window, step=step, store=args.out, scheduler=args.scheduler,
+                      background=args.background or None)
+    dt = time.perf_counter() - t
+    n = data.data.shape[0] * data.data.shape[1]
+    print(f"mapped {n} frames ({maps.sizes['y']}x{maps.sizes['x']} windows) in {dt:.1f} s ({n / dt:.0f} frames/s)")
+    if args.out:
+        print(f"map written to {args.out}")
+    if args.png:
+        plot_pacbed_maps(maps, args.png, title=str(getattr(data, "source", "")))
+        print(f"figure written to {args.png}")
+    if getattr(data, "truth", None) is not None:
+        cmp = compare_to_truth(maps, data.truth)
+        print("against ground truth:")
+        print(json.dumps(cmp, indent=1))
+    return maps
+
+
+def cmd_demo(args):
+    """The main job on the bundled demo catalog, headless: map + PNG + comparison with truth."""
+    out = pathlib.Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    ns = argparse.Namespace(catalog=args.catalog, entry="sto_pacbed_wedge", source=None, dose=None,
+                            window=5, step=None, out=str(out / "sto_pacbed_wedge_map.zarr"),
+                            png=str(out / "sto_pacbed_wedge_map.png"), scheduler=args.scheduler, background=None)
+    cmd_map(ns)
+    if args.serve:
+        cmd_serve(argparse.Namespace(port=args.port, address=args.address, show=False, apps=None))
+
+
+def cmd_serve(args):
+    from .ui import serve
+
+    serve(apps=args.apps, port=args.port, address=args.address, show=args.show)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="diffkit", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def model_args(p):
+        p.add_argument("--material", default="SrTiO3")
+        p.add_argument("--zone", default="001")
+        p.add_argument("--kv", type=float, default=200.0, help="beam energy (kV)")
+        p.add_argument("--convergence", type=float, default=13.6, help="convergence semi-angle (mrad)")
+        p.add_argument("--cache", default=None, help="simulation cache folder (default $DIFFKIT_CACHE or ~/.cache/diffkit)")
+
+    p = sub.add_parser("info", help="version, device and shipped models")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("simulate", help="build a PACBED library or a simulated demo scan")
+    p.add_argument("what", choices=["library", "demo", "strain-demo"])
+    model_args(p)
+    p.add_argument("--out", default=None)
+    p.add_argument("--scan", type=int, default=None, help="scan size (positions per side) for demo scans")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train and package a model")
+    p.add_argument("what", choices=["pacbed", "disks"])
+    model_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    p.add_argument("--smoke", action="store_true", help="tiny library and a few steps (CI)")
+    p.add_argument("--measure-steps", type=int, default=None)
+    p.add_argument("--align-steps", type=int, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="reproduce a shipped model's held-out accuracy table")
+    p.add_argument("what", choices=["pacbed"])
+    model_args(p)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=424242)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="thickness/tilt of one PACBED pattern (.npy, 2D or 4D)")
+    p.add_argument("file")
+    model_args(p)
+    p.add_argument("--pixel-size", type=float, default=None, help="detector pixel size (mrad/px)")
+    p.add_argument("--background", type=float, default=0.0, help="background strength (fraction of mean per nm)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("map", help="thickness/tilt maps over a 4D-STEM scan on dask chunks")
+    p.add_argument("source", nargs="?", default=None, help="data file, or an entry of the catalog")
+    p.add_argument("--catalog", default=None)
+    p.add_argument("--entry", default="sto_pacbed_wedge")
+    p.add_argument("--dose", type=float, default=None, help="resample to this dose (e-/frame)")
+    p.add_argument("--window", type=int, default=5, help="PACBED window (scan positions per side)")
+    p.add_argument("--step", type=int, default=None, help="window step (positions); default = window")
+    p.add_argument("--out", default=None, help="zarr store for incremental, resumable output")
+    p.add_argument("--png", default=None)
+    p.add_argument("--scheduler", default=None, help="'threads', 'processes' or a dask.distributed address")
+    p.add_argument("--background", type=float, default=0.0)
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("demo", help="main job on the bundled demo catalog (headless), optionally serve the dashboards")
+    p.add_argument("--catalog", default=None)
+    p.add_argument("--outdir", default="out")
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--serve", action="store_true", help="then serve the dashboards")
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--address", default="127.0.0.1")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the Panel dashboards (localhost by default)")
+    p.add_argument("apps", nargs="*", default=None)
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--address", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--show", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    main()

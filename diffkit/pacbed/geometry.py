@@ -1,0 +1,103 @@
+"""Pattern geometry: rough centre and disk size, and batched resampling to the canonical frame.
+
+The *canonical frame* is the sampling of the simulation library a model was trained on:
+``n_px`` x ``n_px`` pixels with the zero-order disk of radius ``disk_radius_px`` at the
+centre and the crystal axes along the image axes. A pattern's geometry is described by
+its disk centre (px, raw detector frame), disk radius (px) and rotation (degrees).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ratio disk radius / RMS width of the row-column projections, measured on the SrTiO3 libraries;
+# only a starting value, refined by the alignment network
+MOMENT_RADIUS_FACTOR = 1.6
+
+
+def as_batch(patterns) -> torch.Tensor:
+    """(H, W) or (B, H, W) array/tensor -> float32 tensor (B, H, W)."""
+    x = patterns if torch.is_tensor(patterns) else torch.as_tensor(np.asarray(patterns, dtype=np.float32))
+    x = x.float()
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected a pattern (H, W) or a stack (B, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def rough_geometry(patterns) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rough disk centre (B, 2) as (y, x) px and disk radius (B,) px from projection moments.
+
+    Equivalent to fitting Gaussians to the row and column projections (method of moments)
+    after removing the projection minimum, which suppresses a uniform background.
+    """
+    x = as_batch(patterns).clamp_min(0)
+    out_c, out_r = [], []
+    for axis in (2, 1):  # projection onto y (sum over x), then onto x
+        p = x.sum(dim=axis)
+        p = p - p.min(dim=1, keepdim=True).values
+        p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        coord = torch.arange(p.shape[1], dtype=p.dtype, device=p.device)
+        mu = (p * coord).sum(dim=1)
+        var = (p * (coord[None] - mu[:, None]) ** 2).sum(dim=1)
+        out_c.append(mu)
+        out_r.append(var.sqrt())
+    centre = torch.stack(out_c, dim=1)
+    radius = MOMENT_RADIUS_FACTOR * 0.5 * (out_r[0] + out_r[1])
+    return centre, radius
+
+
+def to_canonical(patterns, centre, radius, rotation_deg, disk_radius_px: float, n_px: int) -> torch.Tensor:
+    """Resample patterns (B, H, W) into the canonical frame (B, n_px, n_px).
+
+    A canonical pixel ``v`` (relative to the canonical centre) is read from the raw
+    position ``centre + (radius / disk_radius_px) * R(rotation) v`` (bilinear).
+    """
+    x = as_batch(patterns)
+    B, H, W = x.shape
+    dev = x.device
+    centre = torch.as_tensor(centre, dtype=torch.float32, device=dev).reshape(B, 2)
+    radius = torch.as_tensor(radius, dtype=torch.float32, device=dev).reshape(B)
+    rot = torch.deg2rad(torch.as_tensor(rotation_deg, dtype=torch.float32, device=dev).reshape(B))
+    c = (n_px - 1) / 2
+    v = torch.arange(n_px, dtype=torch.float32, device=dev) - c
+    vy, vx = torch.meshgrid(v, v, indexing="ij")
+    s = (radius / disk_radius_px)[:, None, None]
+    cos, sin = torch.cos(rot)[:, None, None], torch.sin(rot)[:, None, None]
+    ry = sin * vx[None] + cos * vy[None]
+    rx = cos * vx[None] - sin * vy[None]
+    py = centre[:, 0, None, None] + s * ry
+    px = centre[:, 1, None, None] + s * rx
+    grid = torch.stack([px / (W - 1) * 2 - 1, py / (H - 1) * 2 - 1], dim=-1)
+    return F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Network input normalisation: intensities / mean, square root (Poisson variance-stabilising), standardised."""
+    x = x.clamp_min(0)
+    x = x / x.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    x = x.sqrt()
+    m = x.mean(dim=(-2, -1), keepdim=True)
+    s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (x - m) / s
+
+
+def quadrant_tilt_sign(canonical: torch.Tensor, disk_radius_px: float) -> torch.Tensor:
+    """Sign of the tilt along x and y (B, 2) from the intensity balance of the disk halves.
+
+    The seed method: with the four-fold symmetric zone, tilt moves intensity towards one
+    side of the zero-order disk. Returned as (sign_x, sign_y) in {-1, +1}; a cross-check of
+    the signed network output.
+    """
+    x = as_batch(canonical)
+    n = x.shape[-1]
+    c = (n - 1) / 2
+    v = torch.arange(n, dtype=torch.float32) - c
+    vy, vx = torch.meshgrid(v, v, indexing="ij")
+    disk = (vy**2 + vx**2) < disk_radius_px**2
+    w = x * disk
+    sx = torch.sign((w * torch.sign(vx)).sum(dim=(1, 2)))
+    sy = torch.sign((w * torch.sign(vy)).sum(dim=(1, 2)))
+    return torch.stack([sx, sy], dim=1)
