@@ -28,8 +28,8 @@ class TrainConfig:
     """Training hyper-parameters (recorded in the model card)."""
 
     seed: int = 20261122
-    measure_steps: int = 2400
-    align_steps: int = 800
+    measure_steps: int = 4000
+    align_steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4

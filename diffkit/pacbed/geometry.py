@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 # ratio disk radius / RMS width of the row-column projections, measured on the SrTiO3 libraries;
 # only a starting value, refined by the alignment network
-MOMENT_RADIUS_FACTOR = 1.6
+MOMENT_RADIUS_FACTOR = 1.5
 
 
 def as_batch(patterns) -> torch.Tensor:
@@ -74,14 +74,24 @@ def to_canonical(patterns, centre, radius, rotation_deg, disk_radius_px: float, 
     return F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
 
 
+def _field_mask(n: int, device) -> torch.Tensor:
+    v = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+    return (v[:, None] ** 2 + v[None, :] ** 2) <= (n / 2) ** 2
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Network input normalisation: intensities / mean, square root (Poisson variance-stabilising), standardised."""
+    """Network input: a circular field of view (so that no square frame edge can reveal a
+    rotation), intensities / mean, square root (Poisson variance-stabilising), standardised
+    inside the field and zero outside."""
     x = x.clamp_min(0)
-    x = x / x.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    m = _field_mask(x.shape[-1], x.device)
+    n = m.sum()
+    x = x * m
+    x = x / (x.sum(dim=(-2, -1), keepdim=True) / n).clamp_min(1e-12)
     x = x.sqrt()
-    m = x.mean(dim=(-2, -1), keepdim=True)
-    s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-    return (x - m) / s
+    mu = x.sum(dim=(-2, -1), keepdim=True) / n
+    var = (((x - mu) * m) ** 2).sum(dim=(-2, -1), keepdim=True) / n
+    return (x - mu) * m / var.sqrt().clamp_min(1e-6)
 
 
 def quadrant_tilt_sign(canonical: torch.Tensor, disk_radius_px: float) -> torch.Tensor:

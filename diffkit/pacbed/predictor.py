@@ -204,12 +204,14 @@ class PacbedPredictor:
             res["canonical"] = can.cpu().numpy()
         return res
 
-    def predict(self, patterns, **kw):
-        """Like :meth:`predict_batch` but returns an ``xarray.Dataset`` with units (dim ``pattern``)."""
+    def predict(self, patterns, batch_size: int = 256, **kw):
+        """Like :meth:`predict_batch` (in batches) but returns an ``xarray.Dataset`` with units (dim ``pattern``)."""
         import xarray as xr
 
-        res = self.predict_batch(patterns, **kw)
-        alts = res.pop("alternatives")
+        x = as_batch(patterns)
+        parts = [self.predict_batch(x[s:s + batch_size], **kw) for s in range(0, len(x), batch_size)]
+        res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "alternatives"}
+        alts = tuple(np.concatenate([p["alternatives"][i] for p in parts]) for i in range(2))
         for k in [k for k in res if k.startswith("p_") or k in ("thickness_bins_nm", "tilt_bins_mrad", "canonical")]:
             res.pop(k)
         ds = xr.Dataset({k: ("pattern", v) for k, v in res.items()})

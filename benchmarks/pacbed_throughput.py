@@ -1,0 +1,79 @@
+"""Throughput of the PACBED pipeline (raw pattern in -> thickness, tilt, uncertainty out).
+
+Measures patterns/s of the shipped diffkit model (alignment iterations + measurement
+network + OOD check) at batch sizes 1 and 256, and, in the same run, of a baseline with
+the seed paper's network size: an AlexNet-sized CNN on 227x227 inputs (random weights;
+only its cost matters), applied once for thickness and once for tilt as in the paper.
+
+Run: ``python benchmarks/pacbed_throughput.py [--n 1024] [--threads 2]``
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def alexnet_like(n_out=120):
+    """AlexNet layer sizes (Krizhevsky et al. 2012) for a 1-channel 227x227 input."""
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
+        nn.Linear(256 * 6 * 6, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, n_out)).eval()
+
+
+def timeit(fn, n_items, min_time=3.0):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while time.perf_counter() - t0 < min_time:
+        fn()
+        done += n_items
+    return done / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--convergence", type=float, default=13.6)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--detector-px", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffkit.pacbed import load_predictor
+    from diffkit.pacbed.predictor import default_device
+
+    pred = load_predictor(material="SrTiO3", zone="001", energy_kv=200, convergence_mrad=args.convergence)
+    rng = np.random.default_rng(0)
+    n = args.detector_px
+    yy, xx = np.mgrid[:n, :n]
+    base = ((yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 4) ** 2).astype(np.float32) * 100 + 5
+    batch256 = rng.poisson(base, size=(256, n, n)).astype(np.float32)
+    one = batch256[:1]
+    print(f"device: {default_device()}, torch threads: {torch.get_num_threads()}, CPU: {platform.processor() or platform.machine()}")
+    r1 = timeit(lambda: pred.predict_batch(one), 1, args.seconds)
+    r256 = timeit(lambda: pred.predict_batch(batch256), 256, args.seconds)
+    net = alexnet_like()
+    x227 = torch.randn(64, 3, 227, 227)
+
+    def seed_pipeline():
+        with torch.no_grad():
+            net(x227)  # thickness
+            net(x227)  # tilt
+
+    rb = timeit(seed_pipeline, 64, args.seconds)
+    print(f"diffkit pipeline, batch 1:   {r1:8.1f} patterns/s")
+    print(f"diffkit pipeline, batch 256: {r256:8.1f} patterns/s")
+    print(f"seed-size baseline (AlexNet 227x227 x2 networks, networks only), batch 64: {rb:8.1f} patterns/s")
+    print(f"ratio diffkit(batch 256) / seed-size baseline: {r256 / rb:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The shipped PACBED model on held-out simulated patterns, OOD inputs and bad input."""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from diffkit.calibration import Calibration
+from diffkit.errors import BadInputError, MissingCalibrationError, ModelNotFoundError
+from diffkit.models.registry import model_cards
+from diffkit.pacbed import load_predictor, predict
+
+DATA = pathlib.Path(__file__).parent / "data"
+CAL = Calibration(beam_energy_kv=200, convergence_mrad=13.6, material="SrTiO3", zone_axis="001")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return load_predictor(CAL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return dict(np.load(DATA / "heldout_sto_13.6mrad.npz"))
+
+
+@pytest.fixture(scope="module")
+def heldout_pred(predictor, heldout):
+    return predictor.predict_batch(heldout["patterns"].astype(np.float32))
+
+
+def test_model_card_is_complete():
+    cards = [c for c in model_cards("pacbed") if not c.get("smoke")]
+    assert cards, "no shipped PACBED model"
+    for c in cards:
+        for key in ("training_data", "augmentations", "training", "held_out", "ood", "geometry"):
+            assert key in c
+        assert c["training"]["seed"] is not None
+        assert c["held_out"]["n"] >= 1000
+        # weights are safetensors: an 8-byte little-endian header length followed by JSON
+        raw = pathlib.Path(c["weights_path"]).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        json.loads(raw[8:8 + n])
+
+
+def test_heldout_thickness_and_tilt_accuracy(heldout, heldout_pred):
+    """Held-out thicknesses (half-nm values never trained on), new noise/detector draws, raw detector frames."""
+    dt = np.abs(heldout_pred["thickness_nm"] - heldout["thickness_nm"])
+    dtilt = np.abs(np.concatenate([heldout_pred["tilt_x_mrad"] - heldout["tilt_x_mrad"],
+                                   heldout_pred["tilt_y_mrad"] - heldout["tilt_y_mrad"]]))
+    assert np.mean(dt <= 2.0) >= 0.85
+    assert np.median(dt) <= 1.0
+    assert np.mean(dtilt <= 0.5) >= 0.85
+
+
+def test_alignment_recovers_geometry(heldout, heldout_pred):
+    dc = np.hypot(heldout_pred["center_y_px"] - heldout["center_y_px"], heldout_pred["center_x_px"] - heldout["center_x_px"])
+    ds = np.abs(heldout_pred["disk_radius_px"] / heldout["disk_radius_px"] - 1)
+    dr = np.abs((heldout_pred["rotation_deg"] - heldout["rotation_deg"] + 45) % 90 - 45)
+    assert np.mean(dc <= 1.0) >= 0.95
+    assert np.mean(ds <= 0.02) >= 0.95
+    assert np.mean(dr <= 2.0) >= 0.9
+
+
+def test_uncertainty_is_calibrated(heldout, heldout_pred):
+    t = heldout["thickness_nm"]
+    inside68 = (t >= heldout_pred["thickness_lo68_nm"] - 0.25) & (t <= heldout_pred["thickness_hi68_nm"] + 0.25)
+    inside95 = (t >= heldout_pred["thickness_lo95_nm"] - 0.25) & (t <= heldout_pred["thickness_hi95_nm"] + 0.25)
+    assert 0.55 <= inside68.mean() <= 0.9
+    assert inside95.mean() >= 0.85
+    # larger predicted uncertainty goes with larger error
+    err = np.abs(heldout_pred["thickness_nm"] - t)
+    hi = heldout_pred["thickness_std_nm"] > np.median(heldout_pred["thickness_std_nm"])
+    assert err[hi].mean() > err[~hi].mean()
+
+
+def test_in_distribution_rarely_flagged(heldout_pred):
+    assert np.mean(heldout_pred["ood"]) <= 0.05
+
+
+def test_out_of_distribution_patterns_are_flagged(predictor):
+    ood = np.load(DATA / "ood_patterns.npz")
+    res = predictor.predict_batch(ood["patterns"].astype(np.float32))
+    labels = ood["labels"]
+    for name in np.unique(labels):
+        m = labels == name
+        assert res["ood"][m].all(), f"{name} not flagged as out of distribution"
+        assert (res["confidence"][m] <= 0.05).all()
+
+
+def test_rotation_by_90_degrees_gives_same_thickness(predictor, heldout):
+    x = heldout["patterns"][:24].astype(np.float32)
+    a = predictor.predict_batch(x)
+    b = predictor.predict_batch(np.rot90(x, axes=(1, 2)).copy())
+    assert np.median(np.abs(a["thickness_nm"] - b["thickness_nm"])) <= 1.0
+    # tilt magnitude is invariant, its direction rotates with the crystal
+    assert np.median(np.abs(a["tilt_magnitude_mrad"] - b["tilt_magnitude_mrad"])) <= 0.3
+
+
+def test_bad_input(predictor):
+    with pytest.raises(BadInputError):
+        predictor.predict_batch(np.zeros((2, 2, 64, 64)))
+    with pytest.raises(BadInputError):
+        predictor.predict_batch(np.ones((1, 8, 8)))
+    x = np.ones((3, 64, 64), np.float32)
+    x[0, 3, 3] = np.nan
+    x[1] = 0
+    res = predictor.predict_batch(x)
+    assert res["ood"][0] and res["ood_reason"][0] == 4
+    assert res["ood"][1] and res["ood_reason"][1] == 4
+
+
+def test_registry_needs_calibration_and_a_matching_model():
+    with pytest.raises(MissingCalibrationError, match="convergence_mrad"):
+        load_predictor(Calibration(beam_energy_kv=200, material="SrTiO3", zone_axis="001"))
+    with pytest.raises(ModelNotFoundError, match="shipped"):
+        load_predictor(CAL.replace(material="GaAs", zone_axis="110"))
+
+
+def test_predict_returns_xarray_with_units(heldout):
+    ds = predict(heldout["patterns"][:4].astype(np.float32), CAL)
+    assert ds.sizes["pattern"] == 4
+    assert ds["thickness_nm"].attrs["units"] == "nm"
+    assert ds["tilt_x_mrad"].attrs["units"] == "mrad"
+    assert ds["alternative_probability"].shape == (4, 3)
+    assert np.all(np.diff(ds["alternative_probability"].values, axis=1) <= 1e-9)
