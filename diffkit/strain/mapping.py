@@ -1,0 +1,397 @@
+"""Strain maps over a whole scan: dask chunks, zarr incremental output, resume, progress.
+
+:func:`map_strain` runs disk detection and a lattice fit on blocks of scan rows, writes
+each block's lattice vectors into a zarr group as soon as it is done (with a done-marker
+per block, so an interrupted run resumes where it stopped), and finally computes the strain
+relative to the median lattice of a reference region (exact definition, see
+:mod:`diffkit.strain.lattice`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+
+from ..errors import BadInputError
+from .lattice import (STATUS, fit_lattice, lattice_guess_autocorrelation, reference_lattice, region_mask,
+                      strain_from_lattice)
+
+FORMAT = "diffkit-strain-map-v1"
+_FIELDS = {  # name: (dtype, fill)
+    "g1x": ("f8", np.nan), "g1y": ("f8", np.nan), "g2x": ("f8", np.nan), "g2y": ("f8", np.nan),
+    "origin_x": ("f8", np.nan), "origin_y": ("f8", np.nan), "residual_px": ("f4", np.nan),
+    "n_disks": ("i2", 0), "status": ("i1", 5),
+}
+
+
+def _unwrap(data, calibration):
+    """(dask array (sy, sx, dy, dx), Calibration or None, attrs) from FourDSTEM, dask or numpy input."""
+    import dask.array as da
+
+    cal = calibration
+    arr = getattr(data, "data", None)
+    if arr is not None and hasattr(data, "calibration"):
+        cal = cal if cal is not None else data.calibration
+        a = arr
+    else:
+        a = data
+    if not isinstance(a, da.Array):
+        a = np.asarray(a)
+        a = da.from_array(a, chunks=(max(1, 256 // max(a.shape[1], 1)),) + a.shape[1:] if a.ndim == 4 else a.shape)
+    if a.ndim != 4:
+        raise BadInputError(f"expected a 4D-STEM array (scan_y, scan_x, det_y, det_x), got shape {a.shape}")
+    return a, cal
+
+
+def mean_pattern(arr, max_patterns: int = 256, region=None, scheduler=None) -> np.ndarray:
+    """Mean of up to ``max_patterns`` finite patterns spread over the scan (or a region)."""
+    sy, sx = arr.shape[:2]
+    m = region_mask(region, (sy, sx)) if region is not None else np.ones((sy, sx), bool)
+    ys, xs = np.nonzero(m)
+    sel = np.linspace(0, len(ys) - 1, min(max_patterns, len(ys))).round().astype(int)
+    import dask.array as da
+
+    stack = da.stack([arr[ys[i], xs[i]] for i in sel]).compute(scheduler=scheduler).astype(np.float64)
+    ok = np.all(np.isfinite(stack), axis=(1, 2)) & (stack.max(axis=(1, 2)) > 0)
+    if not ok.any():
+        raise BadInputError("no finite, non-empty pattern found for the lattice guess")
+    return stack[ok].mean(0)
+
+
+def lattice_guess(patterns_or_mean, calibration=None, models=None, min_intensity_frac: float = 0.002):
+    """Global lattice guess of a scan: ``(G (2, 2) px, origin (2,), hk (K, 2))``.
+
+    The mean pattern's Wiener-Khinchin autocorrelation gives the lattice vectors (robust to the
+    disk intensities), the anchor-free detector + sub-image CNN give the disks of the mean
+    pattern, and a weighted lattice fit of those disks refines vectors and origin (the origin
+    is the brightest disk, normally the undiffracted beam). ``hk`` lists the indexed disks
+    whose sub-image lies on the detector and that carry at least ``min_intensity_frac`` of
+    the summed disk intensity.
+    """
+    from .detect import detect_disks
+
+    mp = np.asarray(patterns_or_mean, float)
+    if mp.ndim == 3:
+        mp = mp.mean(0)
+    r = None
+    if calibration is not None and calibration.convergence_mrad and calibration.pixel_size_mrad:
+        r = calibration.convergence_mrad / calibration.pixel_size_mrad
+    det = detect_disks(mp[None].astype(np.float32), calibration, models=models)
+    if det.status[0] != 0 or det.valid[0].sum() < 3:
+        raise BadInputError("could not find the disk lattice in the mean pattern (fewer than 3 disks)")
+    d = det.pattern(0)
+    rad = float(np.nanmedian(d["radius_px"])) if r is None else r
+    try:
+        G = lattice_guess_autocorrelation(mp, min_spacing_px=max(4.0, 1.6 * rad))
+    except BadInputError:
+        G = _basis_from_points(d["positions"], d["intensity"])
+    o = d["positions"][np.argmax(d["intensity"])]
+    w = d["intensity"]
+    fit = fit_lattice(d["positions"], w, ~d["edge"], G_guess=G, origin_guess=o)
+    if fit.status != 0:
+        G = _basis_from_points(d["positions"], d["intensity"])
+        fit = fit_lattice(d["positions"], w, ~d["edge"], G_guess=G, origin_guess=o)
+        if fit.status != 0:
+            raise BadInputError(f"lattice fit of the mean pattern failed: {STATUS[int(fit.status)]}")
+    use = fit.used & ~d["edge"] & (d["intensity"] >= min_intensity_frac * d["intensity"][fit.used].sum())
+    hk = fit.hk[use]
+    return fit.G, fit.origin, hk
+
+
+def _basis_from_points(pos, w=None):
+    """Reduced basis from a set of disk positions: shortest difference vectors (fallback guess)."""
+    from .lattice import reduce_basis
+
+    p = np.asarray(pos, float)
+    if len(p) < 3:
+        raise BadInputError("need at least 3 disks to find a lattice")
+    o = p[np.argmax(w)] if w is not None else p[0]
+    d = p - o
+    d = d[np.linalg.norm(d, axis=1) > 1e-6]
+    d = d[np.argsort(np.linalg.norm(d, axis=1))]
+    g1 = d[0]
+    for v in d[1:]:
+        if abs(g1[0] * v[1] - g1[1] * v[0]) > 0.3 * np.linalg.norm(g1) * np.linalg.norm(v):
+            return reduce_basis(np.stack([g1, v], 1))
+    raise BadInputError("disk positions lie on one line; no 2D lattice")
+
+
+def process_patterns(patterns, guess, calibration=None, method: str = "anchor-free", models=None,
+                     fallback: bool = True, weights: str = "auto", refine="cnn"):
+    """Detect disks and fit the lattice of a batch of patterns (B, H, W) against ``guess = (G, origin, hk)``.
+
+    Returns a dict of per-pattern arrays: ``G (B, 2, 2)``, ``origin (B, 2)``, ``residual_px``,
+    ``n_disks``, ``status`` (codes of :data:`diffkit.strain.lattice.STATUS`).
+    """
+    from .detect import detect_disks
+
+    G0, o0, hk = guess
+    det = detect_disks(patterns, calibration, method=method, lattice=(G0, o0, hk), models=models, refine=refine)
+    H, W = np.shape(patterns)[-2:]
+    fit = _fit(det, G0, o0, weights)
+    if method == "subimage-cnn" and fallback:
+        redo = np.nonzero((fit["status"] != 0) & (det.status != 2))[0]
+        if len(redo):
+            det2 = detect_disks(np.asarray(patterns)[redo], calibration, method="anchor-free", models=models,
+                                refine=refine)
+            f2 = _fit(det2, G0, o0, weights)
+            for k in fit:
+                fit[k][redo] = f2[k]
+    fit["status"] = np.where(det.status == 2, 2, fit["status"])
+    return fit
+
+
+SIGMA_SYSTEMATIC_PX = 0.02
+SIGMA_FLOOR_CNN_PX = 0.03
+
+
+def disk_weights(det, weights: str = "noise") -> np.ndarray:
+    """Lattice-fit weights of detected disks.
+
+    ``"noise"``: inverse variance ``1 / (r^2 / 4N + 0.03^2)`` of a disk of radius r with N
+    counts (shot noise, plus the sub-image CNN's systematic floor measured on held-out data);
+    ``"sigma"``: inverse variance ``1 / (sigma^2 + 0.02^2)`` from the edge fit's standard error
+    (disks without a fit get ``1 / 0.25^2``); ``"intensity"``: disk counts; ``"uniform"``: 1.
+    """
+    if weights == "noise":
+        r = np.where(np.isfinite(det.radius_px), det.radius_px, 5.0)
+        n = np.maximum(np.asarray(det.intensity, float), 1.0)
+        return 1.0 / (r**2 / (4 * n) + SIGMA_FLOOR_CNN_PX**2)
+    if weights == "sigma":
+        sg = np.where(np.isfinite(det.sigma_px), det.sigma_px, 0.25)
+        return 1.0 / (sg**2 + SIGMA_SYSTEMATIC_PX**2)
+    if weights == "intensity":
+        return np.asarray(det.intensity, float)
+    if weights == "uniform":
+        return np.ones_like(det.intensity, dtype=float)
+    raise BadInputError(f"weights must be 'noise', 'sigma', 'intensity' or 'uniform', got {weights!r}")
+
+
+def _fit(det, G0, o0, weights):
+    if weights == "auto":
+        weights = "sigma" if np.isfinite(det.sigma_px).any() else "noise"
+    w = disk_weights(det, weights)
+    valid = det.valid & ~det.edge
+    f = fit_lattice(det.positions, w, valid, G_guess=G0, origin_guess=o0)
+    st = f.status.copy()
+    st[det.status == 4] = 4
+    return {"G": f.G, "origin": f.origin, "residual_px": f.residual_px.astype(np.float32),
+            "n_disks": f.n_disks.astype(np.int16), "status": st.astype(np.int8)}
+
+
+def _create(grp, name, shape, chunks, dtype, fill):
+    """zarr 3 ``create_array`` or zarr 2 ``create_dataset``."""
+    if hasattr(grp, "create_array"):
+        return grp.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True)
+    return grp.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True)
+
+
+def _open_store(store, shape, chunk_rows, meta, overwrite, resume):
+    import zarr
+
+    grp = zarr.open_group(str(store), mode="a")
+    old = grp.attrs.get("diffkit_strain")
+    n_chunks = math.ceil(shape[0] / chunk_rows)
+    if old is not None and not overwrite:
+        same = all(old.get(k) == v for k, v in meta.items() if k not in ("started",))
+        if not same:
+            raise BadInputError(f"store {store} holds a strain map made with other settings; pass overwrite=True "
+                                "or another store")
+        if not resume:
+            raise BadInputError(f"store {store} exists; pass resume=True to continue it or overwrite=True")
+    if old is None or overwrite:
+        for name, (dt, fill) in _FIELDS.items():
+            _create(grp, name, shape, (chunk_rows, shape[1]), dt, fill)
+        _create(grp, "done", (n_chunks,), (1,), "bool", False)
+        grp.attrs["diffkit_strain"] = meta
+    return grp
+
+
+def map_strain(data, reference_region=None, *, calibration=None, method: str = "anchor-free", store=None,
+               scheduler=None, progress: bool = True, callback=None, chunk_rows: int | None = None,
+               guess=None, frame_rotation_deg: float = 0.0, models=None, overwrite: bool = False,
+               resume: bool = True, weights: str = "auto", refine="cnn"):
+    """Strain, rotation and lattice maps of an NBED scan.
+
+    Parameters
+    ----------
+    data : FourDSTEM, dask or numpy array (scan_y, scan_x, det_y, det_x)
+        The scan. NaN or empty frames are skipped (status 2), never fatal.
+    reference_region : bool mask (scan_y, scan_x), tuple of slices or (y0, y1, x0, x1)
+        Strain-free region; its median lattice is the reference ``G0``. Default: the whole scan.
+    calibration : Calibration, optional
+        Default ``data.calibration``. Strain needs no calibration; with convergence and pixel
+        size the disk radius is known (binning of large disks), and the lattice vectors are
+        also reported in 1/Å when the beam energy is known.
+    method : {"anchor-free", "subimage-cnn"}
+        Disk detection (:func:`diffkit.strain.detect_disks`). ``"subimage-cnn"`` measures the
+        disks at the positions of the global lattice (fast, one orientation) and falls back
+        to the anchor-free detector for patterns whose fit fails.
+    store : path, optional
+        Zarr group for incremental results (one write per block of rows, plus a done-marker);
+        an existing store with the same settings is resumed. ``None``: in memory.
+    scheduler : dask scheduler name, or a ``distributed.Client``
+        Used to load the data blocks; with a Client, blocks are also processed on its workers.
+    progress : bool
+        tqdm progress bar over scan positions.
+    callback : callable, optional
+        ``callback(done_rows, total_rows, partial)`` after each block (``partial`` is a dict
+        of the arrays so far; NaN/status 5 where not done).
+    chunk_rows : int, optional
+        Scan rows per block (default ~512 patterns per block).
+    guess : (G, origin, hk), optional
+        Global lattice guess (default :func:`lattice_guess` of the mean pattern).
+    frame_rotation_deg : float
+        Report the strain tensor in axes rotated by this angle from detector (x, y).
+    overwrite, resume : bool
+        Store handling, see above.
+    weights : {"auto", "noise", "sigma", "intensity", "uniform"}
+        Weights of the lattice fit (see :func:`disk_weights`); ``"auto"``: inverse variance
+        from the edge fit with ``refine="fit"``, else from the disk counts (``"noise"``).
+    refine : {"cnn", "fit", None}
+        Centre refinement of :func:`diffkit.strain.detect_disks` (default the sub-image CNN).
+
+    Returns
+    -------
+    xarray.Dataset on (scan_y, scan_x): ``exx, eyy, exy`` (dimensionless), ``theta_deg``,
+    ``g1x, g1y, g2x, g2y`` (px), ``origin_x, origin_y`` (px), ``residual_px``, ``n_disks``,
+    ``status`` (0 = ok; see ``attrs['status_codes']``), and ``reference`` (bool). ``attrs``
+    hold the reference basis, the strain definition, the method and timings.
+    """
+    arr, cal = _unwrap(data, calibration)
+    sy, sx = arr.shape[:2]
+    if method not in ("anchor-free", "subimage-cnn"):
+        raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
+    ref_mask = region_mask(reference_region, (sy, sx))
+    from .detect import load_disk_models
+
+    models = models or load_disk_models()
+    t0 = time.perf_counter()
+    client = scheduler if hasattr(scheduler, "submit") else None
+    sched = None if client is not None else scheduler
+    if guess is None:
+        guess = lattice_guess(mean_pattern(arr, scheduler=sched if client is None else None), cal, models)
+    G_guess, o_guess, hk = (np.asarray(guess[0], float), np.asarray(guess[1], float), np.asarray(guess[2], int))
+    chunk_rows = int(chunk_rows or max(1, 512 // sx))
+    n_chunks = math.ceil(sy / chunk_rows)
+    meta = {"format": FORMAT, "shape": [int(sy), int(sx)], "detector": [int(v) for v in arr.shape[2:]],
+            "method": method, "chunk_rows": chunk_rows, "weights": weights, "refine": str(refine),
+            "G_guess": np.round(G_guess, 9).tolist(), "origin_guess": np.round(o_guess, 9).tolist(),
+            "hk": hk.tolist(), "model": models.card.get("id", "")}
+    out = {k: np.full((sy, sx), fill, dtype=dt) for k, (dt, fill) in _FIELDS.items()}
+    done = np.zeros(n_chunks, bool)
+    grp = None
+    if store is not None:
+        grp = _open_store(store, (sy, sx), chunk_rows, meta, overwrite, resume)
+        done = np.asarray(grp["done"][:], bool)
+        if done.any():
+            for k in _FIELDS:
+                out[k][...] = grp[k][:]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sy * sx, desc="strain map", unit="pattern", initial=int(sum(
+            min(chunk_rows, sy - i * chunk_rows) for i in np.nonzero(done)[0]) * sx))
+
+    def finish_block(i, res):
+        r0, r1 = i * chunk_rows, min(sy, (i + 1) * chunk_rows)
+        G = res["G"].reshape(r1 - r0, sx, 2, 2)
+        vals = {"g1x": G[..., 0, 0], "g1y": G[..., 1, 0], "g2x": G[..., 0, 1], "g2y": G[..., 1, 1],
+                "origin_x": res["origin"].reshape(r1 - r0, sx, 2)[..., 0],
+                "origin_y": res["origin"].reshape(r1 - r0, sx, 2)[..., 1],
+                "residual_px": res["residual_px"].reshape(r1 - r0, sx), "n_disks": res["n_disks"].reshape(r1 - r0, sx),
+                "status": res["status"].reshape(r1 - r0, sx)}
+        for k, v in vals.items():
+            out[k][r0:r1] = v
+            if grp is not None:
+                grp[k][r0:r1, :] = v.astype(out[k].dtype)
+        if grp is not None:
+            grp["done"][i] = True
+        done[i] = True
+        if bar is not None:
+            bar.update((r1 - r0) * sx)
+        if callback is not None:
+            callback(int(sum(min(chunk_rows, sy - j * chunk_rows) for j in np.nonzero(done)[0])), sy, out)
+
+    todo = [i for i in range(n_chunks) if not done[i]]
+    if client is not None:
+        from distributed import as_completed
+
+        futs = {}
+        for i in todo:
+            blk = arr[i * chunk_rows:min(sy, (i + 1) * chunk_rows)]
+            f = client.submit(_process_block, blk, (G_guess, o_guess, hk), cal, method, weights, refine, pure=False)
+            futs[f] = i
+        for f in as_completed(futs):
+            finish_block(futs[f], f.result())
+    else:
+        for i in todo:
+            r0, r1 = i * chunk_rows, min(sy, (i + 1) * chunk_rows)
+            blk = arr[r0:r1].compute(scheduler=sched) if sched is not None else arr[r0:r1].compute()
+            res = process_patterns(np.asarray(blk, np.float32).reshape(-1, *arr.shape[2:]), (G_guess, o_guess, hk),
+                                   cal, method, models, weights=weights, refine=refine)
+            finish_block(i, res)
+    if bar is not None:
+        bar.close()
+    ds = strain_dataset(out, ref_mask, frame_rotation_deg, cal)
+    ds.attrs.update({
+        "method": method, "model": models.card.get("id", ""), "lattice_guess_G_px": G_guess.tolist(),
+        "lattice_guess_origin_px": o_guess.tolist(), "indexed_disks_hk": hk.tolist(),
+        "seconds": round(time.perf_counter() - t0, 2), "patterns_per_second": round(sy * sx / max(time.perf_counter() - t0, 1e-9), 1),
+    })
+    if grp is not None:
+        grp.attrs["diffkit_strain_result"] = {k: v for k, v in ds.attrs.items() if k != "status_codes"}
+        for k in ("exx", "eyy", "exy", "theta_deg"):
+            _create(grp, k, (sy, sx), (chunk_rows, sx), "f8", np.nan)[...] = ds[k].values
+    return ds
+
+
+def _process_block(blk, guess, cal, method, weights, refine):
+    from .detect import load_disk_models
+
+    b = np.asarray(blk, np.float32)
+    return process_patterns(b.reshape(-1, *b.shape[2:]), guess, cal, method, load_disk_models(), weights=weights,
+                            refine=refine)
+
+
+def strain_dataset(fields: dict, reference_mask, frame_rotation_deg: float = 0.0, calibration=None):
+    """Assemble the strain Dataset from lattice-vector maps (``g1x, g1y, g2x, g2y, ...``)."""
+    import xarray as xr
+
+    G = np.stack([np.stack([fields["g1x"], fields["g2x"]], -1), np.stack([fields["g1y"], fields["g2y"]], -1)], -2)
+    st = np.asarray(fields["status"])
+    G0 = reference_lattice(G, reference_mask, st)
+    e = strain_from_lattice(G, G0, frame_rotation_deg)
+    bad = st != 0
+    dims = ("scan_y", "scan_x")
+    ds = xr.Dataset(
+        {
+            "exx": (dims, np.where(bad, np.nan, e["exx"]), {"units": "1", "long_name": "strain xx"}),
+            "eyy": (dims, np.where(bad, np.nan, e["eyy"]), {"units": "1", "long_name": "strain yy"}),
+            "exy": (dims, np.where(bad, np.nan, e["exy"]), {"units": "1", "long_name": "shear strain xy (tensor)"}),
+            "theta_deg": (dims, np.where(bad, np.nan, e["theta_deg"]), {"units": "degree", "long_name": "lattice rotation"}),
+            **{k: (dims, np.asarray(fields[k]), {"units": "px"}) for k in ("g1x", "g1y", "g2x", "g2y", "origin_x", "origin_y")},
+            "residual_px": (dims, np.asarray(fields["residual_px"]), {"units": "px", "long_name": "weighted rms fit residual"}),
+            "n_disks": (dims, np.asarray(fields["n_disks"]), {"units": "1"}),
+            "status": (dims, st, {"units": "1", "long_name": "0 ok; see attrs status_codes"}),
+            "reference": (dims, np.asarray(reference_mask, bool)),
+        }
+    )
+    ds.attrs.update({
+        "strain_definition": "F = G^-T G0^T (columns = reciprocal vectors); eps = (F + F^T)/2 - I; "
+                             "theta = atan2(F_yx - F_xy, F_xx + F_yy) (polar decomposition)",
+        "frame": f"detector (x, y) axes rotated by {frame_rotation_deg} deg",
+        "reference_G_px": G0.tolist(),
+        "status_codes": json.dumps({int(k): v for k, v in STATUS.items()}),
+    })
+    if calibration is not None and calibration.pixel_size_mrad and calibration.beam_energy_kv:
+        from ..sim.scattering import wavelength_angstrom
+
+        f = calibration.pixel_size_mrad * 1e-3 / wavelength_angstrom(calibration.beam_energy_kv)
+        for k in ("g1", "g2"):
+            ds[f"{k}_inv_angstrom"] = (dims, np.hypot(ds[f"{k}x"].values, ds[f"{k}y"].values) * f,
+                                      {"units": "1/Å", "long_name": f"|{k}|"})
+    return ds
