@@ -25,7 +25,7 @@ OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
 
 def heldout():
     lib = build_pacbed_library(default_spec(convergence_mrad=13.6))
-    t = make_test_set(lib, n=160, seed=8675309, out_px=96, pixel_ratio=0.9)
+    t = make_test_set(lib, n=200, seed=8675309, out_px=128, pixel_ratio=0.8)
     np.savez_compressed(OUT / "heldout_sto_13.6mrad.npz",
                         patterns=np.clip(np.round(t.pop("patterns")), 0, 65535).astype(np.uint16),
                         **{k: np.asarray(v) for k, v in t.items()})

@@ -157,7 +157,8 @@ def test_hybrid_finds_the_full_lsf_minimum(lsflib, truths, distorted, full_fit):
     h = M.hybrid_fit(lsflib, x, estimates=est)
     for k in ("thickness_nm", "tilt_x_mrad", "tilt_y_mrad"):
         np.testing.assert_array_equal(h[k].values, full_fit[k].values)
-    np.testing.assert_allclose(h["chi2"].values, full_fit["chi2"].values, rtol=1e-6)
+    # same grid minimum; the sub-pixel geometry polish starts from a different window, so chi2 agrees to 1 %
+    np.testing.assert_allclose(h["chi2"].values, full_fit["chi2"].values, rtol=1e-2)
     assert (h["n_candidates"] < full_fit["n_candidates"]).all()
     assert not h["at_edge"].any()
     # outside the library frame of the window the landscape is empty

@@ -40,6 +40,13 @@ def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pix
     }
 
 
+def rotate90(tx, ty, k):
+    """Express a tilt (tx, ty) given in a frame rotated by k*90 degrees in the reference frame."""
+    a = np.deg2rad(90.0 * np.asarray(k))
+    c, s = np.round(np.cos(a)), np.round(np.sin(a))
+    return c * tx - s * ty, s * tx + c * ty
+
+
 def evaluate(predictor, test: dict, batch: int = 256) -> dict:
     """Accuracy table of ``predictor`` on a test set from :func:`make_test_set`."""
     outs = []
@@ -50,8 +57,13 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
     pred = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     t, tx, ty = test["thickness_nm"], test["tilt_x_mrad"], test["tilt_y_mrad"]
     dt = np.abs(pred["thickness_nm"] - t)
-    dtx = np.abs(pred["tilt_x_mrad"] - tx)
-    dty = np.abs(pred["tilt_y_mrad"] - ty)
+    # tilt is compared in the detector frame: the crystal's [100] and [010] are equivalent
+    # (4mm), so a pattern aligned 90 degrees away reports the same physical tilt with
+    # relabelled axes
+    k = np.round((pred["rotation_deg"] - test["rotation_deg"]) / 90.0)
+    ptx, pty = rotate90(pred["tilt_x_mrad"], pred["tilt_y_mrad"], k)
+    dtx = np.abs(ptx - tx)
+    dty = np.abs(pty - ty)
     dtilt = np.concatenate([dtx, dty])
     dc = np.hypot(pred["center_y_px"] - test["center_y_px"], pred["center_x_px"] - test["center_x_px"])
     ds = np.abs(pred["disk_radius_px"] / test["disk_radius_px"] - 1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pacbed.geometry import normalise
+from ..pacbed.geometry import normalise, to_canonical
 from ..pacbed.networks import AlignNet, MeasureNet, distribution_stats, soft_targets
 from ..sim.detector import DetectorParams, DetectorRanges, apply_detector, random_params
 
@@ -29,7 +29,7 @@ class TrainConfig:
 
     seed: int = 20261122
     measure_steps: int = 4000
-    align_steps: int = 1500
+    align_steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -38,9 +38,20 @@ class TrainConfig:
     tilt_bin_mrad: float = 0.05
     thickness_bin_nm: float = 0.5
     train_thickness_step_nm: float = 1.0
-    measure_ranges: DetectorRanges = dataclasses.field(default_factory=DetectorRanges)
+    # raw detector effects: the full range a user's pattern may have (alignment undoes geometry)
+    measure_ranges: DetectorRanges = dataclasses.field(default_factory=lambda: DetectorRanges(
+        log10_dose=(5.0, 9.0), blur_px=(0.0, 1.6), scale=(0.9, 1.1), rotation_deg=(-45.0, 45.0), shift_px=8.0,
+        affine=0.015))
     align_ranges: DetectorRanges = dataclasses.field(default_factory=lambda: DetectorRanges(
-        scale=(0.85, 1.18), rotation_deg=(-45.0, 45.0), shift_px=8.0, affine=0.02))
+        log10_dose=(5.0, 9.0), blur_px=(0.0, 1.6), scale=(0.85, 1.18), rotation_deg=(-45.0, 45.0), shift_px=8.0,
+        affine=0.015))
+    # residual alignment error the measurement network is trained to tolerate (canonical px, deg, fraction)
+    measure_residual: tuple = (0.3, 0.4, 0.004)
+    # alignment training: fraction of wide (first-iteration) perturbations; the rest are small
+    align_wide_fraction: float = 0.35
+    align_narrow: tuple = (1.0, 2.0, 0.02)
+    # raw detector: pixel size relative to the library's (detector px / library px)
+    pixel_ratio: tuple = (0.75, 1.05)
     threads: int | None = None
 
 
@@ -54,6 +65,7 @@ class LibrarySampler:
         self.thickness = np.asarray(lib["thickness_nm"].values, float)
         self.attrs = dict(lib.attrs)
         self.n_px = self.patterns.shape[-1]
+        self.disk_radius_px = float(lib.attrs["disk_radius_px"])
         if thickness_values is None:
             self.t_idx = np.arange(len(self.thickness))
         else:
@@ -94,6 +106,81 @@ class LibrarySampler:
         return np.ascontiguousarray(pats, dtype=np.float32), t.astype(np.float32), tx.astype(np.float32), ty.astype(np.float32)
 
 
+def draw_raw(sampler: "LibrarySampler", n: int, rng: np.random.Generator, ranges: DetectorRanges, cfg: TrainConfig,
+             generator=None, device="cpu", interpolate: bool = True):
+    """Library patterns placed on a raw detector frame, with their true geometry.
+
+    The frame size and pixel size are random (``cfg.pixel_ratio``), so training sees the
+    same resampling the predictor applies to user data. Returns ``(raw, centre, radius,
+    rotation, t, tx, ty)``: raw (n, P, P) counts, centre (n, 2) (y, x) px, radius (n,) px,
+    rotation (n,) degrees that bring the frame back to the canonical one (see
+    :func:`~diffkit.pacbed.geometry.to_canonical`), thickness (nm) and signed tilts (mrad).
+    """
+    pats, t, tx, ty = sampler.draw(n, rng, interpolate=interpolate)
+    p = random_params(n, rng, ranges)
+    ratio = float(rng.uniform(*cfg.pixel_ratio))
+    out_px = int(np.ceil(sampler.n_px * 1.1 / ratio)) + int(rng.integers(0, 8))
+    raw = apply_detector(pats, p, out_px=out_px, pixel_ratio=ratio, generator=generator, device=device)
+    c = (out_px - 1) / 2
+    dev = raw.device
+    centre = torch.as_tensor(c + p.shift_px, dtype=torch.float32, device=dev)
+    radius = torch.as_tensor(sampler.disk_radius_px * p.scale / ratio, dtype=torch.float32, device=dev)
+    rotation = torch.as_tensor(-p.rotation_deg, dtype=torch.float32, device=dev)
+    return raw, centre, radius, rotation, t, tx, ty
+
+
+def perturb_geometry(centre, radius, rotation, rng: np.random.Generator, sigma: tuple, disk_radius_px: float,
+                     wide_fraction: float = 0.0):
+    """Estimated geometry = truth + error; errors in canonical px, degrees and relative size.
+
+    ``sigma`` = (centre px, rotation deg, log size) of Gaussian errors; a ``wide_fraction`` of
+    the batch instead gets uniform errors spanning a first, rough alignment
+    (+-10 px, +-45 deg, +-22 %).
+    """
+    n = len(radius)
+    dev = radius.device
+    s = (radius / disk_radius_px).cpu().numpy()
+    dc = rng.normal(0, sigma[0], (n, 2))
+    drot = rng.normal(0, sigma[1], n)
+    dlog = rng.normal(0, sigma[2], n)
+    wide = rng.random(n) < wide_fraction
+    k = int(wide.sum())
+    dc[wide] = rng.uniform(-10, 10, (k, 2))
+    drot[wide] = rng.uniform(-45, 45, k)
+    dlog[wide] = rng.uniform(-0.22, 0.22, k)
+    f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)  # noqa: E731
+    return centre + f(dc * s[:, None]), radius * f(np.exp(dlog)), rotation + f(drot)
+
+
+def alignment_residual(centre, radius, rotation, est_centre, est_radius, est_rotation, disk_radius_px: float):
+    """:class:`AlignNet` targets (dy, dx canonical px, log size, sin 4dphi, cos 4dphi) that take the
+    estimated geometry to the true one, in the convention of ``PacbedPredictor.align``."""
+    s = est_radius / disk_radius_px
+    d = (centre - est_centre) / s[:, None]
+    th = torch.deg2rad(est_rotation)
+    cos, sin = torch.cos(th), torch.sin(th)
+    dy = cos * d[:, 0] - sin * d[:, 1]
+    dx = sin * d[:, 0] + cos * d[:, 1]
+    phi = torch.deg2rad(rotation - est_rotation)
+    return torch.stack([dy, dx, torch.log(radius / est_radius), torch.sin(4 * phi), torch.cos(4 * phi)], 1)
+
+def measure_batch(sampler, n, rng, cfg: TrainConfig, generator=None, device="cpu", interpolate=True):
+    """Canonical patterns as the predictor would see them after alignment (to a residual error
+    of ``cfg.measure_residual``), with labels: ``(x, t, tx, ty)``."""
+    raw, c, r, rot, t, tx, ty = draw_raw(sampler, n, rng, cfg.measure_ranges, cfg, generator, device, interpolate)
+    ec, er, erot = perturb_geometry(c, r, rot, rng, cfg.measure_residual, sampler.disk_radius_px)
+    x = to_canonical(raw, ec, er, erot, sampler.disk_radius_px, sampler.n_px)
+    return x, t, tx, ty
+
+
+def align_batch(sampler, n, rng, cfg: TrainConfig, generator=None, device="cpu"):
+    """Canonical patterns from a perturbed geometry and the residual that corrects it: ``(x, target)``."""
+    raw, c, r, rot, *_ = draw_raw(sampler, n, rng, cfg.align_ranges, cfg, generator, device)
+    ec, er, erot = perturb_geometry(c, r, rot, rng, cfg.align_narrow, sampler.disk_radius_px, cfg.align_wide_fraction)
+    x = to_canonical(raw, ec, er, erot, sampler.disk_radius_px, sampler.n_px)
+    return x, alignment_residual(c, r, rot, ec, er, erot, sampler.disk_radius_px)
+
+
 def _bins(cfg: TrainConfig, t_range, tilt_max):
     tb = np.arange(t_range[0], t_range[1] + 1e-6, cfg.thickness_bin_nm)
     ab = np.arange(-tilt_max - 0.3, tilt_max + 0.3 + 1e-6, cfg.tilt_bin_mrad)
@@ -119,8 +206,7 @@ def train_measure_net(sampler: LibrarySampler, cfg: TrainConfig, device="cpu", l
     t0 = time.perf_counter()
     for step in range(cfg.measure_steps):
         _schedule(opt, step, cfg.measure_steps, cfg.lr)
-        pats, t, tx, ty = sampler.draw(cfg.batch_size, rng)
-        x = apply_detector(pats, random_params(len(t), rng, cfg.measure_ranges), generator=gen, device=device)
+        x, t, tx, ty = measure_batch(sampler, cfg.batch_size, rng, cfg, gen, device)
         out = net(normalise(x))
         tt = torch.as_tensor(t, device=device)
         loss = (
@@ -150,13 +236,12 @@ def train_align_net(sampler: LibrarySampler, cfg: TrainConfig, device="cpu", log
     t0 = time.perf_counter()
     for step in range(cfg.align_steps):
         _schedule(opt, step, cfg.align_steps, cfg.lr)
-        pats, _, _, _ = sampler.draw(cfg.batch_size, rng)
-        p = random_params(len(pats), rng, cfg.align_ranges)
-        x = apply_detector(pats, p, generator=gen, device=device)
-        target = torch.as_tensor(align_targets(p), device=device)
+        x, target = align_batch(sampler, cfg.batch_size, rng, cfg, gen, device)
         pred = net(normalise(x))
-        loss = F.smooth_l1_loss(pred[:, :2], target[:, :2]) + 100 * F.mse_loss(pred[:, 2], target[:, 2]) \
-            + F.mse_loss(pred[:, 3:], target[:, 3:])
+        # balanced so that 1 px, 1 % and 1 degree errors cost about the same
+        loss = F.smooth_l1_loss(pred[:, :2], target[:, :2], beta=0.5) \
+            + F.smooth_l1_loss(60 * pred[:, 2], 60 * target[:, 2], beta=0.5) \
+            + F.smooth_l1_loss(15 * pred[:, 3:], 15 * target[:, 3:], beta=0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,16 +249,6 @@ def train_align_net(sampler: LibrarySampler, cfg: TrainConfig, device="cpu", log
             log(f"align step {step:5d}/{cfg.align_steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s")
     net.eval()
     return net
-
-
-def align_targets(p: DetectorParams) -> np.ndarray:
-    """Regression targets of :class:`AlignNet` for detector params: dy, dx, log s, sin 4phi, cos 4phi.
-
-    A pattern made by :func:`apply_detector` with shift d, scale s and rotation theta is
-    brought back to the canonical frame by centre = d, radius factor = s, rotation = -theta.
-    """
-    phi = -np.deg2rad(p.rotation_deg)
-    return np.stack([p.shift_px[:, 0], p.shift_px[:, 1], np.log(p.scale), np.sin(4 * phi), np.cos(4 * phi)], 1).astype(np.float32)
 
 
 def calibrate_temperature(net: MeasureNet, sampler: LibrarySampler, cfg: TrainConfig, n: int = 2048, device="cpu"):
@@ -185,8 +260,7 @@ def calibrate_temperature(net: MeasureNet, sampler: LibrarySampler, cfg: TrainCo
     net.temperature.fill_(1.0)
     with torch.no_grad():
         for s in range(0, n, 256):
-            pats, t, tx, ty = sampler.draw(min(256, n - s), rng)
-            x = apply_detector(pats, random_params(len(t), rng, cfg.measure_ranges), generator=gen, device=device)
+            x, t, tx, ty = measure_batch(sampler, min(256, n - s), rng, cfg, gen, device)
             out = net(normalise(x))
             for k, v in zip(("thickness", "tilt_x", "tilt_y"), (t, tx, ty)):
                 logits[k].append(out[k].cpu())
@@ -220,8 +294,7 @@ def feature_statistics(net: MeasureNet, sampler: LibrarySampler, cfg: TrainConfi
     feats = []
     with torch.no_grad():
         for s in range(0, n, 256):
-            pats, *_ = sampler.draw(min(256, n - s), rng)
-            x = apply_detector(pats, random_params(len(pats), rng, cfg.measure_ranges), generator=gen, device=device)
+            x, *_ = measure_batch(sampler, min(256, n - s), rng, cfg, gen, device)
             feats.append(net(normalise(x), return_features=True)["features"].cpu())
     f = torch.cat(feats).double()
     half = len(f) // 2

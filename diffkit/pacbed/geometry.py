@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import BadInputError
+
 # ratio disk radius / RMS width of the row-column projections, measured on the SrTiO3 libraries;
 # only a starting value, refined by the alignment network
 MOMENT_RADIUS_FACTOR = 1.5
@@ -23,7 +25,7 @@ def as_batch(patterns) -> torch.Tensor:
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
-        raise ValueError(f"expected a pattern (H, W) or a stack (B, H, W), got shape {tuple(x.shape)}")
+        raise BadInputError(f"expected a pattern (H, W) or a stack (B, H, W), got shape {tuple(x.shape)}")
     return x
 
 

@@ -59,7 +59,9 @@ class LibrarySpec:
     g_max : float
         Beams up to |g| (1/Å).
     tds : bool
-        Add the thermal-diffuse background.
+        Model thermal diffuse scattering: the elastic wave is absorbed at the TDS rate
+        and the absorbed intensity is added back as the diffuse background. ``False``
+        gives a purely elastic, absorption-free calculation.
     """
 
     crystal: ZoneCrystal = dataclasses.field(default_factory=srtio3_001)
@@ -220,7 +222,7 @@ def build_pacbed_library(spec: LibrarySpec | None = None, cache_dir=None, progre
             return ds
     t_start = time.perf_counter()
     solver = BlochSolver(spec.crystal, spec.energy_kv, g_max=spec.g_max, absorption=0.0)
-    kappa = absorption_ratio(spec.crystal, spec.energy_kv, float(solver.U[0, 0].real))
+    kappa = absorption_ratio(spec.crystal, spec.energy_kv, float(solver.U[0, 0].real)) if spec.tds else 0.0
     solver.absorption = kappa
     beams = _output_beams(spec, solver)
     P = aperture_points(spec)

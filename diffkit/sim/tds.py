@@ -33,6 +33,8 @@ def tds_mean_free_path_nm(crystal: ZoneCrystal, energy_kv: float, q_max: float =
     integrand = tds_kernel(crystal, energy_kv, q) * 2 * np.pi * q  # per cell, per (1/Å)
     sigma_cell = lam**2 * np.trapezoid(integrand, q)  # Å^2 per unit cell
     n_cells = 1.0 / crystal.volume  # cells per Å^3
+    if sigma_cell <= 0:  # no thermal vibration (all B = 0): no TDS at all
+        return float("inf")
     return 1.0 / (n_cells * sigma_cell) / 10.0
 
 
