@@ -105,6 +105,22 @@ def cmd_evaluate(args):
     print(f"{'metric':28s} {'this run':>9s} {'model card':>10s}")
     for k in keys:
         print(f"{k:28s} {rep[k]:9.3f} {shipped.get(k, float('nan')):10.3f}")
+    if args.update_card:
+        card_path = pathlib.Path(pred.card["card_path"])
+        card = json.loads(card_path.read_text())
+        rep["command"] = f"diffkit evaluate pacbed --convergence {args.convergence:g} --n {args.n}"
+        card["held_out"] = rep
+        card_path.write_text(json.dumps(card, indent=1))
+        print(f"held-out table written to {card_path}")
+
+
+def cmd_calibrate(args):
+    from .models.train import recalibrate
+    from .pacbed import load_predictor
+
+    pred = load_predictor(material=args.material, zone=args.zone, energy_kv=args.kv, convergence_mrad=args.convergence)
+    temps, table = recalibrate(pred.card["card_path"], n=args.n, cache_dir=args.cache)
+    print(f"temperatures: thickness {temps[0]:.4f}, tilt {temps[1]:.4f}; OOD pattern statistics per band written")
 
 
 def cmd_predict(args):
@@ -215,7 +231,14 @@ def main(argv=None):
     model_args(p)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=424242)
+    p.add_argument("--update-card", action="store_true", help="write the table into the model card (after pipeline changes)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="re-calibrate a shipped model's uncertainties and OOD checks end to end")
+    p.add_argument("what", choices=["pacbed"])
+    model_args(p)
+    p.add_argument("--n", type=int, default=4096)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="thickness/tilt of one PACBED pattern (.npy, 2D or 4D)")
     p.add_argument("file")

@@ -72,8 +72,8 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
     def frac(a, tol):
         return float(np.mean(a <= tol))
 
-    cov_t68 = float(np.mean((t >= pred["thickness_lo68_nm"] - 0.25) & (t <= pred["thickness_hi68_nm"] + 0.25)))
-    cov_t95 = float(np.mean((t >= pred["thickness_lo95_nm"] - 0.25) & (t <= pred["thickness_hi95_nm"] + 0.25)))
+    cov_t68 = float(np.mean((t >= pred["thickness_lo68_nm"]) & (t <= pred["thickness_hi68_nm"])))
+    cov_t95 = float(np.mean((t >= pred["thickness_lo95_nm"]) & (t <= pred["thickness_hi95_nm"])))
     zt = dt / np.maximum(pred["thickness_std_nm"], 1e-3)
     ztilt = np.concatenate([dtx / np.maximum(pred["tilt_x_std_mrad"], 1e-3), dty / np.maximum(pred["tilt_y_std_mrad"], 1e-3)])
     rep = {

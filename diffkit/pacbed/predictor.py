@@ -25,6 +25,7 @@ from ..errors import BadInputError
 from ..models.registry import find_card
 from .geometry import as_batch, normalise, rough_geometry, to_canonical
 from .networks import AlignNet, MeasureNet, distribution_stats
+from .ood import implausible, pattern_descriptors, recorded_area, vacuum_like
 
 OOD_REASONS = {
     0: "ok",
@@ -32,6 +33,8 @@ OOD_REASONS = {
     2: "disk size/centre could not be aligned",
     3: "no diffraction contrast (blank or amorphous region)",
     4: "empty or non-finite pattern",
+    5: "pattern statistics outside the training range for its thickness",
+    6: "disk size does not match the model's convergence angle at the calibrated pixel size",
 }
 
 
@@ -41,9 +44,15 @@ def default_device():
 
 
 def _quantile(p: torch.Tensor, bins: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile of binned distributions (B, K), each bin's mass spread uniformly over its width."""
+    h = float(bins[1] - bins[0]) if len(bins) > 1 else 1.0
     cdf = torch.cumsum(p, -1)
-    idx = torch.searchsorted(cdf, torch.full(cdf.shape[:-1] + (1,), q, device=p.device, dtype=cdf.dtype)).clamp(max=len(bins) - 1)
-    return bins[idx[..., 0]]
+    target = torch.full(cdf.shape[:-1] + (1,), q, device=p.device, dtype=cdf.dtype)
+    idx = torch.searchsorted(cdf, target).clamp(max=len(bins) - 1)[..., 0]
+    c_hi = cdf.gather(-1, idx[..., None])[..., 0]
+    m = p.gather(-1, idx[..., None])[..., 0].clamp_min(1e-12)
+    frac = (1 - (c_hi - q) / m).clamp(0, 1)
+    return bins[idx] - h / 2 + frac * h
 
 
 def apply_band_mask(canonical: torch.Tensor, inner_px: float, width_px: float) -> torch.Tensor:
@@ -80,17 +89,21 @@ class PacbedPredictor:
         self.ood_mu = ood_mu.to(self.device)
         self.ood_icov = ood_icov.to(self.device)
         self.ood_threshold = float(card["ood"]["threshold"])
+        self.pattern_statistics = card["ood"].get("pattern_statistics")
+        self.last_free_radius = None
         self.input_requirements = {"min_px": 32, "convergence_mrad": self.convergence_mrad}
         self.use_amp = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ geometry
     @torch.no_grad()
-    def align(self, patterns, pixel_size_mrad: float | None = None, iterations: int = 4):
+    def align(self, patterns, pixel_size_mrad: float | None = None, iterations: int = 6):
         """Disk centre (B, 2) (y, x) px, radius (B,) px, rotation (B,) deg and the canonical patterns."""
         x = as_batch(patterns).to(self.device)
         centre, radius = rough_geometry(x)
+        calibrated = None
         if pixel_size_mrad:
-            radius = torch.full_like(radius, self.convergence_mrad / float(pixel_size_mrad))
+            calibrated = self.convergence_mrad / float(pixel_size_mrad)
+            radius = torch.full_like(radius, calibrated)
         rot = torch.zeros_like(radius)
         for _ in range(iterations):
             can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
@@ -101,10 +114,13 @@ class PacbedPredictor:
             dy, dx = p[:, 0], p[:, 1]
             centre = centre + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
                                            s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
-            if not pixel_size_mrad:
-                radius = radius * torch.exp(p[:, 2].clamp(-0.3, 0.3))
+            radius = radius * torch.exp(p[:, 2].clamp(-0.3, 0.3))
             rot = rot + torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
             rot = (rot + 45) % 90 - 45
+        # the disk size the network finds, kept to check it against the calibration
+        self.last_free_radius = radius
+        if calibrated is not None:
+            radius = torch.full_like(radius, calibrated)
         can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
         return centre, radius, rot, can
 
@@ -175,8 +191,15 @@ class PacbedPredictor:
             # calibrated disk size: the aligned radius must match the model's convergence angle
             rel = torch.ones_like(radius)
         reason[(rel < 0.7) | (rel > 1.4)] = 2
+        valid = recorded_area(x.shape[-2:], centre, radius, rot, self.disk_radius_px, self.n_px)
+        desc = pattern_descriptors(can, self.disk_radius_px, valid)
+        if self.pattern_statistics is not None:
+            reason[(reason == 0) & implausible(desc, t_mean, self.pattern_statistics)] = 5
+        if pixel_size_mrad:
+            ratio = self.last_free_radius / radius
+            reason[(ratio < 0.88) | (ratio > 1.12)] = 6
         contrast = can.std(dim=(1, 2)) / can.mean(dim=(1, 2)).clamp_min(1e-12)
-        reason[contrast < 0.05] = 3
+        reason[(contrast < 0.05) | vacuum_like(desc)] = 3
         reason[(~finite.to(self.device)) | (~nonempty.to(self.device))] = 4
         ood = reason > 0
         res = {
@@ -191,6 +214,7 @@ class PacbedPredictor:
             "ood": ood, "ood_reason": reason, "ood_distance": dist,
             "center_y_px": centre[:, 0], "center_x_px": centre[:, 1], "disk_radius_px": radius,
             "rotation_deg": rot, "background_fraction": bg,
+            "outside_fraction": desc[:, 0], "fourfold": desc[:, 1], "disk_contrast": desc[:, 2],
         }
         res = {k: v.detach().cpu().numpy() for k, v in res.items()}
         res["confidence"] = np.where(res["ood"], np.minimum(res["confidence"], 0.05), res["confidence"])
