@@ -145,6 +145,13 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
                                         "method": "68 % / 95 % interval coverage, raw frames through the full pipeline",
                                         "n": n}
     card["ood"]["pattern_statistics"] = table
+    tb = sd["measure.thickness_bins"]
+    card["resolution_floor"] = {
+        "thickness_nm": float(tb[1] - tb[0]) / np.sqrt(12),
+        "tilt_mrad": float(lib.attrs["fine_step_mrad"]) / np.sqrt(12),
+        "note": "added in quadrature to the network's standard deviations and intervals: labels lie on "
+                "a grid of thickness bins and library tilt steps, so answers are no sharper than one step",
+    }
     card["ood"]["checks"] = ["Mahalanobis distance of backbone features", "pattern statistics per thickness band",
                              "vacuum (no intensity outside the disk)", "disk size vs calibration"]
     card.pop("weights_path", None)

@@ -81,7 +81,7 @@ class PacbedPredictor:
         self.align_net = align_net.to(self.device).eval()
         self.measure_net = measure_net.to(self.device).eval()
         self.card = card
-        self.card_id = card["id"]
+        self.card_id = card["id"] + ("@" + card["fingerprint"] if card.get("fingerprint") else "")
         self.n_px = int(card["geometry"]["n_px"])
         self.disk_radius_px = float(card["geometry"]["disk_radius_px"])
         self.pixel_size_mrad = float(card["geometry"]["pixel_size_mrad"])
@@ -90,6 +90,8 @@ class PacbedPredictor:
         self.ood_icov = ood_icov.to(self.device)
         self.ood_threshold = float(card["ood"]["threshold"])
         self.pattern_statistics = card["ood"].get("pattern_statistics")
+        res = card.get("resolution_floor", {})
+        self.resolution_floor = (float(res.get("thickness_nm", 0.0)), float(res.get("tilt_mrad", 0.0)))
         self.last_free_radius = None
         self.input_requirements = {"min_px": 32, "convergence_mrad": self.convergence_mrad}
         self.use_amp = self.device.type == "cuda"
@@ -180,6 +182,10 @@ class PacbedPredictor:
         pt, t_mean, t_std = distribution_stats(out["thickness"], tb)
         px, tx, tx_std = distribution_stats(out["tilt_x"], ab)
         py, ty, ty_std = distribution_stats(out["tilt_y"], ab)
+        # resolution floor: the training labels live on a grid (thickness bins, the library's
+        # tilt step), so no answer is sharper than a uniform error over one grid step
+        ft, fa = self.resolution_floor
+        t_std, tx_std, ty_std = (torch.sqrt(s**2 + f**2) for s, f in ((t_std, ft), (tx_std, fa), (ty_std, fa)))
         # out-of-distribution
         z = out["features"] - self.ood_mu
         dist = ((z @ self.ood_icov) * z).sum(-1).clamp_min(0).sqrt()
@@ -205,8 +211,10 @@ class PacbedPredictor:
         res = {
             "thickness_nm": t_mean,
             "thickness_std_nm": t_std,
-            "thickness_lo68_nm": _quantile(pt, tb, 0.16), "thickness_hi68_nm": _quantile(pt, tb, 0.84),
-            "thickness_lo95_nm": _quantile(pt, tb, 0.025), "thickness_hi95_nm": _quantile(pt, tb, 0.975),
+            "thickness_lo68_nm": _widen(_quantile(pt, tb, 0.16), t_mean, ft, -1.0),
+            "thickness_hi68_nm": _widen(_quantile(pt, tb, 0.84), t_mean, ft, 1.0),
+            "thickness_lo95_nm": _widen(_quantile(pt, tb, 0.025), t_mean, ft, -1.96),
+            "thickness_hi95_nm": _widen(_quantile(pt, tb, 0.975), t_mean, ft, 1.96),
             "tilt_x_mrad": tx, "tilt_y_mrad": ty, "tilt_x_std_mrad": tx_std, "tilt_y_std_mrad": ty_std,
             "tilt_magnitude_mrad": torch.hypot(tx, ty),
             "tilt_azimuth_deg": torch.rad2deg(torch.atan2(ty, tx)) % 360,
@@ -251,6 +259,13 @@ class PacbedPredictor:
         _, _, _, can = self.align(as_batch(pattern).to(self.device))
         with torch.no_grad():
             return self.measure_net.backbone.first_layer_activations(normalise(can))[0].cpu().numpy()
+
+
+def _widen(q, centre, floor, z):
+    """Move an interval end ``q`` away from ``centre`` so its half-width is at least ``|z| * floor``
+    (added in quadrature)."""
+    half = (q - centre).abs()
+    return centre + float(np.sign(z)) * torch.sqrt(half**2 + (z * floor) ** 2)
 
 
 def _units(k):
@@ -319,6 +334,12 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     key = (card["weights_path"], str(device))
     if key in _CACHE:
         return _CACHE[key]
+    import hashlib
+
+    raw = pathlib.Path(card["weights_path"]).read_bytes()
+    extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood")}, sort_keys=True)
+    # weights + calibration fingerprint: a map store written by another calibration is not resumed
+    card = dict(card, fingerprint=hashlib.sha256(raw + extra.encode()).hexdigest()[:10])
     sd = load_file(card["weights_path"])
     g = card["geometry"]
     align = AlignNet(n_px=g["n_px"])
