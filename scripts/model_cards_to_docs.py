@@ -25,8 +25,11 @@ def pacbed_section(c):
         f"({td['training_thicknesses']}), tilts {td['tilt_grid_mrad']}; {td['n_beams']} beams, absorption ratio {td['absorption_ratio']:.4f}, TDS background {td['tds']}.",
         f"* held out: {td['held_out_thicknesses']}, detector effects from a separate seed, raw detector frames (128 px, 0.7× the library pixel, shifted ±8 px, rotated ±44°, scaled ±8 %, dose 10⁶–10⁹ e⁻), full pipeline incl. alignment.",
         f"* seed {tr['seed']}, {tr['align_steps']} alignment + {tr['measure_steps']} measurement steps of batch {tr['batch_size']}, AdamW lr {tr['lr']}; "
-        f"temperatures thickness {c['calibration_temperatures']['thickness']:.2f}, tilt {c['calibration_temperatures']['tilt']:.2f}; "
-        f"OOD threshold {c['ood']['threshold']:.1f} ({c['ood']['method']}).",
+        f"temperatures thickness {c['calibration_temperatures']['thickness']:.4f}, tilt {c['calibration_temperatures']['tilt']:.4f} "
+        f"({c['calibration_temperatures'].get('method', 'NLL on training draws')}); resolution floor "
+        f"{c.get('resolution_floor', {}).get('thickness_nm', 0):.3f} nm / {c.get('resolution_floor', {}).get('tilt_mrad', 0):.3f} mrad (added in quadrature).",
+        f"* out-of-distribution checks: {'; '.join(c['ood'].get('checks', [c['ood']['method']]))} "
+        f"(feature threshold {c['ood']['threshold']:.1f}).",
         f"* reproduce: `diffkit train pacbed --convergence {c['convergence_mrad']:g}` (training) and `{ho.get('command', '')}` (this table).",
         "",
         "| held-out metric (n = %d) | value | goal |" % ho.get("n", 0),
@@ -40,6 +43,8 @@ def pacbed_section(c):
         f"| rotation within ±1° | {pct(ho.get('rotation_within_1deg'))} | ≥ 99 % |",
         f"| thickness 68 % interval coverage | {pct(ho.get('thickness_coverage_68'))} | 68 % |",
         f"| thickness 95 % interval coverage | {pct(ho.get('thickness_coverage_95'))} | 95 % |",
+        f"| thickness error within 1 / 2 predicted σ | {pct(ho.get('thickness_z_within_1sigma'))} / {pct(ho.get('thickness_z_within_2sigma'))} | 68 % / 95 % |",
+        f"| tilt error within 1 / 2 predicted σ | {pct(ho.get('tilt_z_within_1sigma'))} / {pct(ho.get('tilt_z_within_2sigma'))} | 68 % / 95 % |",
         f"| in-distribution patterns flagged OOD | {pct(ho.get('ood_flag_rate'))} | small |",
         "",
         "By thickness range:",
@@ -55,6 +60,26 @@ def pacbed_section(c):
     return "\n".join(lines) + "\n"
 
 
+def generic_section(c):
+    """Any other card: its identity and its held-out table as written by its training script."""
+    lines = [f"## {c.get('kind', 'model')}: `{c['id']}`", "", c.get("description", ""), ""]
+    tr = c.get("training", {})
+    if tr:
+        lines.append("* training: " + ", ".join(f"{k} {v}" for k, v in tr.items() if not isinstance(v, (dict, list))))
+    ho = c.get("held_out", {})
+    if ho:
+        lines += ["", "| held-out metric | value |", "|---|---|"]
+        def rows(prefix, d):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    yield from rows(f"{prefix}{k}.", v)
+                elif isinstance(v, (int, float, str)):
+                    yield f"| {prefix}{k} | {v:.4g} |" if isinstance(v, float) else f"| {prefix}{k} | {v} |"
+
+        lines += list(rows("", ho))
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parts = ["# Shipped models\n",
              "Every model is trained by `diffkit train ...` on patterns diffkit simulates (docs/simulation.md), "
@@ -63,6 +88,8 @@ def main():
     for c in model_cards("pacbed"):
         if not c.get("smoke"):
             parts.append(pacbed_section(c))
+    for c in model_cards("disks"):
+        parts.append(generic_section(c))
     OUT.write_text("\n".join(parts))
     print("wrote", OUT)
 
