@@ -107,18 +107,27 @@ class PacbedPredictor:
             calibrated = self.convergence_mrad / float(pixel_size_mrad)
             radius = torch.full_like(radius, calibrated)
         rot = torch.zeros_like(radius)
-        for _ in range(iterations):
-            can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
+        active = torch.arange(len(x), device=x.device)
+        for it in range(iterations):
+            xa, c, r, ro = x[active], centre[active], radius[active], rot[active]
+            can = to_canonical(xa, c, r, ro, self.disk_radius_px, self.n_px)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 p = self.align_net(normalise(can)).float()
-            s = radius / self.disk_radius_px
-            th = torch.deg2rad(rot)
+            s = r / self.disk_radius_px
+            th = torch.deg2rad(ro)
             dy, dx = p[:, 0], p[:, 1]
-            centre = centre + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
-                                           s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
-            radius = radius * torch.exp(p[:, 2].clamp(-0.3, 0.3))
-            rot = rot + torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
-            rot = (rot + 45) % 90 - 45
+            dlog = p[:, 2].clamp(-0.3, 0.3)
+            drot = torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
+            centre[active] = c + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
+                                              s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
+            radius[active] = r * torch.exp(dlog)
+            rot[active] = (ro + drot + 45) % 90 - 45
+            # patterns whose last correction was negligible are done (after at least 2 passes)
+            moving = (torch.hypot(dy, dx) > 0.05) | (dlog.abs() > 1e-3) | (drot.abs() > 0.05)
+            if it >= 1:
+                active = active[moving]
+                if len(active) == 0:
+                    break
         # the disk size the network finds, kept to check it against the calibration
         self.last_free_radius = radius
         if calibrated is not None:
@@ -287,18 +296,21 @@ def _window_mass(p, bins, centre, half):
 
 def _alternatives(p: torch.Tensor, bins: torch.Tensor, n: int):
     """Top-n local maxima of the thickness distribution with their probability mass (+-1 nm)."""
-    B = p.shape[0]
+    B, K = p.shape
+    h = float(bins[1] - bins[0]) if K > 1 else 1.0
+    w = int(round(1.0 / h))
+    pad = torch.nn.functional.pad(p[:, None], (1, 1), value=0.0)[:, 0]
+    peak = (p >= pad[:, :-2]) & (p >= pad[:, 2:])
+    mass = torch.nn.functional.avg_pool1d(p[:, None], 2 * w + 1, stride=1, padding=w, count_include_pad=True)[:, 0] * (2 * w + 1)
+    score = torch.where(peak, mass, torch.full_like(mass, -1.0))
+    k = min(n, K)
+    top, idx = torch.topk(score, k, dim=-1)
     vals = np.full((B, n), np.nan)
     probs = np.zeros((B, n))
-    pn = p.numpy()
-    b = bins.numpy()
-    for i in range(B):
-        q = pn[i]
-        peaks = [j for j in range(len(q)) if q[j] >= (q[j - 1] if j > 0 else 0) and q[j] >= (q[j + 1] if j + 1 < len(q) else 0)]
-        mass = [(q[abs(b - b[j]) <= 1.0].sum(), b[j]) for j in peaks]
-        mass.sort(reverse=True)
-        for r, (m, t) in enumerate(mass[:n]):
-            vals[i, r], probs[i, r] = t, m
+    ok = (top >= 0).numpy()
+    v = bins[idx].numpy()
+    vals[:, :k] = np.where(ok, v, np.nan)
+    probs[:, :k] = np.where(ok, top.numpy(), 0.0)
     return vals, probs
 
 
