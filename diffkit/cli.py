@@ -37,8 +37,6 @@ def cmd_info(args):
 
 def cmd_simulate(args):
     if args.what == "library":
-        import numpy as np
-
         from .models.train import default_spec
         from .sim.pacbed import build_pacbed_library
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .calibration import Calibration
+from .data import _jsonable
 from .errors import BadInputError, DiffkitError
 
 __all__ = [
@@ -658,25 +659,6 @@ def local_pacbeds(data, window=None, step=None, *, window_nm=None, step_nm=None,
 # ---------------------------------------------------------------------------------------------
 # the map
 # ---------------------------------------------------------------------------------------------
-def _jsonable(v):
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else str(f)
-    if v is None or isinstance(v, str):
-        return v
-    return repr(v)
-
-
 def _hash(args: dict) -> str:
     return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -33,7 +33,6 @@ def heldout():
 
 
 def ood():
-    rng = np.random.default_rng(5)
     pats, labels = [], []
     for crystal, alpha, name in ((srtio3_001(), 19.1, "SrTiO3 19.1 mrad"), (silicon_001(), 13.6, "Si [001] 13.6 mrad")):
         spec = LibrarySpec(crystal=crystal, convergence_mrad=alpha, thickness_nm=(15.0, 40.0, 80.0),

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from diffkit.errors import BadInputError
 from diffkit.pacbed import analysis as A

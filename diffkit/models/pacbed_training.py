@@ -10,7 +10,6 @@ which training never sees, and a different random seed for every effect.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from ..pacbed.geometry import normalise, to_canonical
 from ..pacbed.networks import AlignNet, MeasureNet, distribution_stats, soft_targets
-from ..sim.detector import DetectorParams, DetectorRanges, apply_detector, random_params
+from ..sim.detector import DetectorRanges, apply_detector, random_params
 
 
 @dataclasses.dataclass

@@ -52,6 +52,7 @@ import torch
 
 from ..errors import BadInputError
 from .geometry import as_batch, rough_geometry
+from .predictor import _units
 
 # the 4mm group as (transpose, mirror rows, mirror columns); the library pattern of a signed
 # tilt is mirror(transpose(pattern)), with tilt (tx, ty) -> swap if transpose, tx -> -tx if
@@ -850,7 +851,7 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
     for k in ("n_candidates", "n_evaluations", "fit_radius_px"):
         ds[k] = ds[k].astype(int)
     for k in ds:
-        ds[k].attrs["units"] = _unit(k)
+        ds[k].attrs["units"] = _units(k)
     ds["chi2"].attrs["long_name"] = "sum of squared residuals, experimental intensities normalised to unit mean"
     ds["fit_radius_px"].attrs["units"] = "library px"
     if land is not None:
@@ -863,20 +864,6 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
                     geometry_search=str(dataclasses.asdict(gs)), library_key=str(lib.attrs.get("spec_key", "")),
                     library_pixel_size_mrad=lib.pixel_size_mrad, tilt_step_mrad=lib.tilt_step_mrad)
     return ds
-
-
-def _unit(k):
-    if k.endswith("_nm"):
-        return "nm"
-    if k.endswith("_mrad"):
-        return "mrad"
-    if k.endswith("_deg"):
-        return "degree"
-    if k.endswith("_px"):
-        return "px"
-    if k == "seconds":
-        return "s"
-    return ""
 
 
 def hybrid_fit(library, patterns, predictor=None, *, estimates: dict | None = None, thickness_window_nm: float = 3.0,

@@ -200,7 +200,6 @@ class PacbedPredictor:
         dist = ((z @ self.ood_icov) * z).sum(-1).clamp_min(0).sqrt()
         reason = torch.zeros(B, dtype=torch.uint8, device=self.device)
         reason[dist > self.ood_threshold] = 1
-        expected_r = self.disk_radius_px
         rel = radius / (radius.median() if B > 4 else radius)
         if pixel_size_mrad:
             # calibrated disk size: the aligned radius must match the model's convergence angle
@@ -278,6 +277,7 @@ def _widen(q, centre, floor, z):
 
 
 def _units(k):
+    """Unit of a result variable from its name suffix (``thickness_nm`` -> ``nm``)."""
     if k.endswith("_nm"):
         return "nm"
     if k.endswith("_mrad"):
@@ -286,6 +286,8 @@ def _units(k):
         return "degree"
     if k.endswith("_px"):
         return "px"
+    if k == "seconds":
+        return "s"
     return ""
 
 
@@ -327,8 +329,6 @@ def load_predictor(calibration: Calibration | None = None, *, material: str | No
     --------
     >>> p = load_predictor(material="SrTiO3", zone="001", energy_kv=200, convergence_mrad=13.6)  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
-
     cal = calibration or Calibration()
     cal = cal.replace(**{k: v for k, v in dict(material=material, zone_axis=zone, beam_energy_kv=energy_kv,
                                                   convergence_mrad=convergence_mrad).items() if v is not None})

@@ -16,7 +16,6 @@ import dataclasses
 import time
 
 import numpy as np
-import scipy.sparse as sp
 
 from .bloch import BlochSolver
 from .crystals import srtio3_001
