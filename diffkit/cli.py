@@ -74,10 +74,14 @@ def cmd_train(args):
         cfg = None
         if args.smoke:
             cfg = TrainConfig(measure_steps=30, align_steps=20, batch_size=32)
-        elif args.measure_steps or args.align_steps:
+        elif args.measure_steps or args.align_steps or args.pixel_ratio or args.crop_fraction is not None:
             cfg = TrainConfig()
             cfg.measure_steps = args.measure_steps or cfg.measure_steps
             cfg.align_steps = args.align_steps or cfg.align_steps
+            if args.pixel_ratio:
+                cfg.pixel_ratio = tuple(args.pixel_ratio)
+            if args.crop_fraction is not None:
+                cfg.crop_fraction = args.crop_fraction
         p = train_pacbed(args.material, args.zone, args.kv, args.convergence, out_dir=args.out, config=cfg,
                          smoke=args.smoke, cache_dir=args.cache)
         print(f"model card: {p}")
@@ -221,6 +225,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
     p.add_argument("--smoke", action="store_true", help="tiny library and a few steps (CI)")
     p.add_argument("--measure-steps", type=int, default=None)
+    p.add_argument("--pixel-ratio", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="detector pixel / library pixel range of the training frames")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="fraction of training frames on a detector smaller than the field of view")
     p.add_argument("--align-steps", type=int, default=None)
     p.set_defaults(func=cmd_train)
 

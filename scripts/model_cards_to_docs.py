@@ -12,6 +12,24 @@ def pct(x):
     return f"{100 * x:.1f} %" if isinstance(x, (int, float)) else "–"
 
 
+def train_command(c):
+    """The `diffkit train` call that reproduces a card's training config (flags only where it differs
+    from today's defaults)."""
+    from diffkit.models.pacbed_training import TrainConfig
+
+    d, tr = TrainConfig(), c["training"]
+    cmd = f"diffkit train pacbed --convergence {c['convergence_mrad']:g}"
+    if tuple(tr.get("pixel_ratio", d.pixel_ratio)) != tuple(d.pixel_ratio):
+        cmd += " --pixel-ratio {:g} {:g}".format(*tr["pixel_ratio"])
+    if tr.get("crop_fraction", 0.0) != d.crop_fraction:
+        cmd += f" --crop-fraction {tr.get('crop_fraction', 0.0):g}"
+    if tr.get("measure_steps") != d.measure_steps:
+        cmd += f" --measure-steps {tr['measure_steps']}"
+    if tr.get("align_steps") != d.align_steps:
+        cmd += f" --align-steps {tr['align_steps']}"
+    return cmd
+
+
 def pacbed_section(c):
     ho = c.get("held_out", {})
     td = c["training_data"]
@@ -30,7 +48,7 @@ def pacbed_section(c):
         f"{c.get('resolution_floor', {}).get('thickness_nm', 0):.3f} nm / {c.get('resolution_floor', {}).get('tilt_mrad', 0):.3f} mrad (added in quadrature).",
         f"* out-of-distribution checks: {'; '.join(c['ood'].get('checks', [c['ood']['method']]))} "
         f"(feature threshold {c['ood']['threshold']:.1f}).",
-        f"* reproduce: `diffkit train pacbed --convergence {c['convergence_mrad']:g}` (training) and `{ho.get('command', '')}` (this table).",
+        f"* reproduce: `{train_command(c)}` (training) and `{ho.get('command', '')}` (this table).",
         "",
         "| held-out metric (n = %d) | value | goal |" % ho.get("n", 0),
         "|---|---|---|",

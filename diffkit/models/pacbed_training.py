@@ -50,7 +50,11 @@ class TrainConfig:
     align_wide_fraction: float = 0.35
     align_narrow: tuple = (1.0, 2.0, 0.02)
     # raw detector: pixel size relative to the library's (detector px / library px)
-    pixel_ratio: tuple = (0.75, 1.05)
+    pixel_ratio: tuple = (0.7, 1.4)
+    # fraction of frames on a detector that stops short of the network's field of view, and the
+    # detector half-width for those (in disk radii)
+    crop_fraction: float = 0.3
+    crop_half_width_radii: tuple = (1.6, 2.2)
     threads: int | None = None
 
 
@@ -119,6 +123,9 @@ def draw_raw(sampler: "LibrarySampler", n: int, rng: np.random.Generator, ranges
     p = random_params(n, rng, ranges)
     ratio = float(rng.uniform(*cfg.pixel_ratio))
     out_px = int(np.ceil(sampler.n_px * 1.1 / ratio)) + int(rng.integers(0, 8))
+    if rng.random() < getattr(cfg, "crop_fraction", 0.0):
+        r_raw = sampler.disk_radius_px / ratio
+        out_px = min(out_px, int(2 * r_raw * rng.uniform(*cfg.crop_half_width_radii)))
     raw = apply_detector(pats, p, out_px=out_px, pixel_ratio=ratio, generator=generator, device=device)
     c = (out_px - 1) / 2
     dev = raw.device
