@@ -128,6 +128,8 @@ def _measure_canonical(predictor, can: torch.Tensor, batch_size: int) -> dict:
         pt, t, t_std = distribution_stats(out["thickness"], tb)
         _, tx, tx_std = distribution_stats(out["tilt_x"], ab)
         _, ty, ty_std = distribution_stats(out["tilt_y"], ab)
+        ft, fa = getattr(predictor, "resolution_floor", (0.0, 0.0))  # as in predict_batch
+        t_std, tx_std, ty_std = (torch.sqrt(s**2 + f**2) for s, f in ((t_std, ft), (tx_std, fa), (ty_std, fa)))
         conf = (pt * ((tb[None] - t[:, None]).abs() <= 1.0)).sum(-1)
         z = out["features"] - predictor.ood_mu
         dist = ((z @ predictor.ood_icov) * z).sum(-1).clamp_min(0).sqrt()
