@@ -68,6 +68,7 @@ class Timed:
         self.pred, self.card_id, self.seconds, self.calls = pred, pred.card_id, 0.0, 0
         self.input_requirements = getattr(pred, "input_requirements", None)
         self.ood_reasons = getattr(pred, "ood_reasons", None)
+        self.device = getattr(pred, "device", None)  # map_pacbed sizes blocks/batches for CUDA
 
     def predict_batch(self, patterns, **options):
         t0 = time.perf_counter()
@@ -179,7 +180,7 @@ def main():
     ap.add_argument("--det", type=int, default=128, help="detector size (px)")
     ap.add_argument("--window", type=int, default=4, help="local PACBED window (scan positions)")
     ap.add_argument("--step", type=int, default=None, help="window step (default: window, i.e. tiled)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: map_pacbed's (256 CPU, 1024 CUDA)")
     ap.add_argument("--rows-per-chunk", type=int, default=None,
                     help="scan rows per zarr chunk (default: about 32 MiB chunks)")
     ap.add_argument("--scheduler", default="threads", help="threads | processes | sync | tcp://host:port")
@@ -206,9 +207,9 @@ def main():
             nbytes = write_scan(store, n, args.det, rpc)
             t_write = time.perf_counter() - t0
             cmd = [sys.executable, os.path.abspath(__file__), "--one-store", store, "--one-size", str(n),
-                   "--det", str(args.det), "--window", str(args.window), "--batch-size", str(args.batch_size),
+                   "--det", str(args.det), "--window", str(args.window),
                    "--scheduler", args.scheduler]
-            for flag, val in (("--step", args.step), ("--device", args.device)):
+            for flag, val in (("--step", args.step), ("--device", args.device), ("--batch-size", args.batch_size)):
                 if val is not None:
                     cmd += [flag, str(val)]
             cmd += ["--store"] * args.store + ["--baseline"] * args.baseline

@@ -1,11 +1,14 @@
 """Throughput of the PACBED pipeline (raw pattern in -> thickness, tilt, uncertainty out).
 
 Measures patterns/s of the shipped diffkit model (alignment iterations + measurement
-network + OOD check) at batch sizes 1 and 256, and, in the same run, of a baseline with
+network + OOD check) at batch sizes 1 and 256 (and a large batch on CUDA, where mixed
+precision is used automatically), and, in the same run, of a baseline with
 the seed paper's network size: an AlexNet-sized CNN on 227x227 inputs (random weights;
 only its cost matters), applied once for thickness and once for tilt as in the paper.
 
-Run: ``python benchmarks/pacbed_throughput.py [--n 1024] [--threads 2]``
+The baseline runs on the same device with the same precision policy.
+
+Run: ``python benchmarks/pacbed_throughput.py [--convergence 19.1] [--threads 2] [--large-batch 4096]``
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--detector-px", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--large-batch", type=int, default=None,
+                    help="also time this batch size (default: 4096 on CUDA, none on CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,20 +62,32 @@ def main():
     base = ((yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 4) ** 2).astype(np.float32) * 100 + 5
     batch256 = rng.poisson(base, size=(256, n, n)).astype(np.float32)
     one = batch256[:1]
-    print(f"device: {default_device()}, torch threads: {torch.get_num_threads()}, CPU: {platform.processor() or platform.machine()}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"device: {default_device()} (GPU: {gpu}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
+          f"CPU: {platform.processor() or platform.machine()}")
     r1 = timeit(lambda: pred.predict_batch(one), 1, args.seconds)
     r256 = timeit(lambda: pred.predict_batch(batch256), 256, args.seconds)
-    net = alexnet_like()
-    x227 = torch.randn(64, 3, 227, 227)
+    large = args.large_batch or (4096 if default_device().type == "cuda" else None)
+    if large:
+        big = rng.poisson(base, size=(large, n, n)).astype(np.float32)
+        rlarge = timeit(lambda: pred.predict_batch(big), large, args.seconds)
+    dev = default_device()
+    net = alexnet_like().to(dev)
+    x227 = torch.randn(64, 3, 227, 227, device=dev)
 
     def seed_pipeline():
-        with torch.no_grad():
+        # same device and precision policy as the diffkit predictor (mixed precision on CUDA)
+        with torch.no_grad(), torch.autocast(dev.type, enabled=dev.type == "cuda"):
             net(x227)  # thickness
             net(x227)  # tilt
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     rb = timeit(seed_pipeline, 64, args.seconds)
     print(f"diffkit pipeline, batch 1:   {r1:8.1f} patterns/s")
     print(f"diffkit pipeline, batch 256: {r256:8.1f} patterns/s")
+    if large:
+        print(f"diffkit pipeline, batch {large}: {rlarge:8.1f} patterns/s")
     print(f"seed-size baseline (AlexNet 227x227 x2 networks, networks only), batch 64: {rb:8.1f} patterns/s")
     print(f"ratio diffkit(batch 256) / seed-size baseline: {r256 / rb:.1f}x")
 

@@ -355,8 +355,9 @@ def test_progress_callback_and_cancel_leave_resumable_store(tmp_path):
         if d >= done + 1:
             raise Cancelled()
 
+    # two workers, so chunks already in flight cannot finish the whole map on a many-core machine
     with pytest.raises(Cancelled):
-        _run(f, store, callback=raise_cancel)
+        _run(f, store, callback=raise_cancel, num_workers=2)
     seen = []
     resumed = _run(f, store, callback=lambda d, t: seen.append(d))
     assert done < seen[0] < total and seen[-1] == total
@@ -446,3 +447,15 @@ def test_shipped_predictor_loaded_lazily():
     assert ds.attrs["model_card_id"].startswith("pacbed_SrTiO3_001_200kV")
     assert ds.thickness_nm.shape == (2, 2) and np.isfinite(ds.thickness_nm.values).all()
     assert "empty or non-finite" in ds.ood_reason.attrs["reasons"]
+
+
+def test_gpu_blocks_grow_by_whole_input_chunks():
+    from diffkit.maps import window_grid
+
+    # 256 x 256 scan read 4 rows per chunk, 4 x 4 tiled windows: one input chunk = 1 x 64 windows
+    data_chunks = ((4,) * 64, (256,))
+    assert window_grid((256, 256), 4, data_chunks=data_chunks).chunks == (1, 64)
+    g = window_grid((256, 256), 4, data_chunks=data_chunks, min_block_windows=1024)
+    assert g.chunks == (16, 64)  # 16 whole input chunks of rows, 1024 windows
+    assert window_grid((8, 256), 4, data_chunks=data_chunks, min_block_windows=1024).chunks == (2, 64)  # capped
+    assert window_grid((256, 256), 4, data_chunks=data_chunks, chunks=(2, 8), min_block_windows=1024).chunks == (2, 8)

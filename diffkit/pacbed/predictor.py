@@ -163,10 +163,11 @@ class PacbedPredictor:
         if raw.shape[-1] < 32 or raw.shape[-2] < 32:
             raise BadInputError(f"patterns must be at least 32x32 px, got {tuple(raw.shape[-2:])}")
         B = raw.shape[0]
+        raw = raw.to(self.device)  # validity checks run where the data will be used
         finite = torch.isfinite(raw).all(dim=(1, 2))
         raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)).clamp_min(0)
         nonempty = raw.sum(dim=(1, 2)) > 0
-        x = raw.to(self.device)
+        x = raw
         centre, radius, rot, can = self.align(x, pixel_size_mrad=pixel_size_mrad)
         bg = torch.zeros(B, device=self.device)
         base = can
@@ -234,7 +235,7 @@ class PacbedPredictor:
         }
         res = {k: v.detach().cpu().numpy() for k, v in res.items()}
         res["confidence"] = np.where(res["ood"], np.minimum(res["confidence"], 0.05), res["confidence"])
-        res["alternatives"] = _alternatives(pt.cpu(), tb.cpu(), n_alternatives)
+        res["alternatives"] = _alternatives(pt, tb, n_alternatives)
         if return_distributions:
             res["p_thickness"] = pt.cpu().numpy()
             res["p_tilt_x"] = px.cpu().numpy()
@@ -307,10 +308,11 @@ def _alternatives(p: torch.Tensor, bins: torch.Tensor, n: int):
     score = torch.where(peak, mass, torch.full_like(mass, -1.0))
     k = min(n, K)
     top, idx = torch.topk(score, k, dim=-1)
+    v = bins[idx].cpu().numpy()
+    top = top.cpu()
     vals = np.full((B, n), np.nan)
     probs = np.zeros((B, n))
     ok = (top >= 0).numpy()
-    v = bins[idx].numpy()
     vals[:, :k] = np.where(ok, v, np.nan)
     probs[:, :k] = np.where(ok, top.numpy(), 0.0)
     return vals, probs

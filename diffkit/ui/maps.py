@@ -57,7 +57,8 @@ class MapsExplorer(Viewer):
     step = param.Integer(default=0, bounds=(0, 20), label="Step (positions, 0 = window)")
     background = param.Number(default=0.0, bounds=(0.0, 0.02), step=0.0005,
                               label="Background (× mean per nm)")
-    batch_size = param.Integer(default=256, bounds=(1, 4096), precedence=-1)
+    batch_size = param.Integer(default=None, allow_None=True, bounds=(1, 4096), precedence=-1,
+                               doc="patterns per predict_batch call (default: 256 on CPU, 1024 on CUDA)")
     scheduler = param.Parameter(default=None, precedence=-1, doc="dask scheduler or distributed.Client")
 
     # outputs
