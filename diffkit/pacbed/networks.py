@@ -36,6 +36,19 @@ class Backbone(nn.Module):
     def forward(self, x):
         return self.fc(self.conv(x[:, None] if x.ndim == 3 else x))
 
+    def fuse_for_inference(self) -> "Backbone":
+        """Fold each BatchNorm into its convolution (eval statistics; same outputs, fewer
+        passes over memory). For loaded inference models only: the fused module no longer
+        trains and its state dict has other keys."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        for blk in self.conv:
+            if isinstance(blk[1], nn.BatchNorm2d):
+                blk[0] = fuse_conv_bn_eval(blk[0], blk[1])
+                blk[1] = nn.Identity()
+        return self
+
     def first_layer_activations(self, x):
         """Activation maps of the first conv block (B, C, H/2, W/2)."""
         return self.conv[0](x[:, None] if x.ndim == 3 else x)

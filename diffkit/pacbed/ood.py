@@ -10,7 +10,10 @@ training patterns of the *same predicted thickness* span:
     (vacuum and blank regions scatter almost nothing outside the central disk);
 ``fourfold``
     magnitude of the 4-fold angular harmonic in that annulus, relative to its mean
-    (the [001] zone's Bragg-disk arrangement; amorphous rings and other lattices differ);
+    (the [001] zone's Bragg-disk arrangement; amorphous rings and other lattices differ).
+    The harmonic is taken of the intensity minus its mean over each 1 px ring of recorded
+    pixels, so a square or cropped detector (whose coverage of the annulus is itself
+    four-fold) adds nothing to it;
 ``disk_contrast``
     standard deviation / mean inside 0.85 disk radii (dynamical contrast of the central disk).
 
@@ -49,8 +52,14 @@ def pattern_descriptors(canonical: torch.Tensor, disk_radius_px: float, valid: t
     out = (x * ann).sum((1, 2))
     mean_out = out / n_ann
     mean_field = (x * field).sum((1, 2)) / field.sum((1, 2)).clamp_min(1)
-    c4 = (x * ann * torch.cos(4 * phi)).sum((1, 2))
-    s4 = (x * ann * torch.sin(4 * phi)).sum((1, 2))
+    # azimuthal mean per 1 px ring over the recorded pixels (one-hot ring membership)
+    ring = torch.floor(r).long()
+    rings = torch.nn.functional.one_hot(ring.flatten(), int(ring.max()) + 1).float()  # (n*n, n_rings)
+    xa = (x * ann).flatten(1)
+    ring_mean = (xa @ rings) / (ann.flatten(1) @ rings).clamp_min(1e-12)
+    dev = (x - (ring_mean @ rings.T).reshape(x.shape)) * ann
+    c4 = (dev * torch.cos(4 * phi)).sum((1, 2))
+    s4 = (dev * torch.sin(4 * phi)).sum((1, 2))
     a4 = torch.sqrt(c4**2 + s4**2) / out.clamp_min(1e-12)
     nd = disk.sum((1, 2)).clamp_min(1)
     m = (x * disk).sum((1, 2)) / nd

@@ -95,11 +95,15 @@ class PacbedPredictor:
         self.last_free_radius = None
         self.input_requirements = {"min_px": 32, "convergence_mrad": self.convergence_mrad}
         self.use_amp = self.device.type == "cuda"
+        #: most alignment passes per pattern (patterns whose correction is negligible stop earlier);
+        #: fewer is faster but less accurate (held out at 13.6 mrad: 6 -> 99.6 %, 3 -> 99.1 % within 1 nm)
+        self.align_iterations = 6
 
     # ------------------------------------------------------------------ geometry
     @torch.no_grad()
-    def align(self, patterns, pixel_size_mrad: float | None = None, iterations: int = 6):
+    def align(self, patterns, pixel_size_mrad: float | None = None, iterations: int | None = None):
         """Disk centre (B, 2) (y, x) px, radius (B,) px, rotation (B,) deg and the canonical patterns."""
+        iterations = self.align_iterations if iterations is None else int(iterations)
         x = as_batch(patterns).to(self.device)
         centre, radius = rough_geometry(x)
         calibrated = None
@@ -360,6 +364,11 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     align.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("align.")})
     measure = MeasureNet(sd["measure.thickness_bins"], sd["measure.tilt_bins"], n_px=g["n_px"])
     measure.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("measure.")})
+    # inference only: BatchNorm folded into the convolutions, channels-last layout (oneDNN / cuDNN
+    # pick faster kernels; measured 1.4x on a 2-core CPU, same outputs to 1e-4 nm)
+    for net in (align, measure):
+        net.backbone.fuse_for_inference()
+        net.to(memory_format=torch.channels_last)
     pred = PacbedPredictor(align, measure, card, sd["ood.mu"], sd["ood.icov"], device=device)
     _CACHE[key] = pred
     return pred
