@@ -61,9 +61,11 @@ def test_alignment_recovers_geometry(heldout, heldout_pred):
     dc = np.hypot(heldout_pred["center_y_px"] - heldout["center_y_px"], heldout_pred["center_x_px"] - heldout["center_x_px"])
     ds = np.abs(heldout_pred["disk_radius_px"] / heldout["disk_radius_px"] - 1)
     dr = np.abs((heldout_pred["rotation_deg"] - heldout["rotation_deg"] + 45) % 90 - 45)
-    assert np.mean(dc <= 1.0) >= 0.95
-    assert np.mean(ds <= 0.02) >= 0.95
-    assert np.mean(dr <= 2.0) >= 0.9
+    # truth = best-fit similarity of the whole distortion (residual affine included); the rotation of
+    # the thinnest (< ~10 nm, little four-fold contrast) patterns is not recovered, hence 0.9, not 0.99
+    assert np.mean(dc <= 1.0) >= 0.97
+    assert np.mean(ds <= 0.01) >= 0.93
+    assert np.mean(dr <= 1.0) >= 0.9
 
 
 def test_uncertainty_is_calibrated(heldout, heldout_pred):

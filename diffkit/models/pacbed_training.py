@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..pacbed.geometry import normalise, to_canonical
 from ..pacbed.networks import AlignNet, MeasureNet, distribution_stats, soft_targets
-from ..sim.detector import DetectorRanges, apply_detector, random_params
+from ..sim.detector import DetectorRanges, apply_detector, random_params, similarity_part
 
 
 @dataclasses.dataclass
@@ -130,8 +130,9 @@ def draw_raw(sampler: "LibrarySampler", n: int, rng: np.random.Generator, ranges
     c = (out_px - 1) / 2
     dev = raw.device
     centre = torch.as_tensor(c + p.shift_px, dtype=torch.float32, device=dev)
-    radius = torch.as_tensor(sampler.disk_radius_px * p.scale / ratio, dtype=torch.float32, device=dev)
-    rotation = torch.as_tensor(-p.rotation_deg, dtype=torch.float32, device=dev)
+    k, phi = similarity_part(p.affine)  # the residual distortion's own scale and rotation
+    radius = torch.as_tensor(sampler.disk_radius_px * p.scale * k / ratio, dtype=torch.float32, device=dev)
+    rotation = torch.as_tensor(-p.rotation_deg + phi, dtype=torch.float32, device=dev)
     return raw, centre, radius, rotation, t, tx, ty
 
 

@@ -183,3 +183,19 @@ def apply_detector(patterns, params: DetectorParams, out_px: int | None = None, 
         idx = torch.as_tensor(np.nonzero(~finite)[0], device=dev)
         y[idx] = y[idx] / total[idx, None, None] * 1e6
     return y * t(params.intensity_scale)[:, None, None]
+
+
+def similarity_part(affine):
+    """Best-fit (least-squares) scale ``k`` and rotation ``phi`` (deg) of 2x2 distortions (B, 2, 2).
+
+    In the detector model's convention (rows (y, x), ``[[cos, sin], [-sin, cos]]``), ``A ~ k R(phi)``
+    with ``k cos phi = (a00 + a11) / 2`` and ``k sin phi = (a01 - a10) / 2``.
+
+    >>> k, phi = similarity_part(np.array([[[1.01, 0.0], [0.0, 1.01]]]))
+    >>> round(float(k[0]), 4), round(float(phi[0]), 4)
+    (1.01, 0.0)
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    kc = (a[:, 0, 0] + a[:, 1, 1]) / 2
+    ks = (a[:, 0, 1] - a[:, 1, 0]) / 2
+    return np.hypot(kc, ks), np.rad2deg(np.arctan2(ks, kc))
