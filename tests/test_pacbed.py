@@ -140,3 +140,20 @@ def test_predict_returns_xarray_with_units(heldout):
     assert ds["tilt_x_mrad"].attrs["units"] == "mrad"
     assert ds["alternative_probability"].shape == (4, 3)
     assert np.all(np.diff(ds["alternative_probability"].values, axis=1) <= 1e-9)
+
+
+def test_pixel_size_calibration_is_checked_against_the_measured_disk(predictor, heldout):
+    """The disk size is always aligned freely: a correct pixel size passes and keeps the accuracy,
+    a pixel size 6 % off (camera-length error) is flagged with reason 6 instead of silently
+    degrading the thickness."""
+    from diffkit.pacbed.predictor import CALIBRATION_TOLERANCE
+
+    x = heldout["patterns"][:40].astype(np.float32)
+    true_ps = predictor.convergence_mrad / heldout["disk_radius_px"][:40]
+    ok = [predictor.predict_batch(x[i:i + 1], pixel_size_mrad=float(true_ps[i])) for i in range(len(x))]
+    assert sum(int(r["ood_reason"][0] == 6) for r in ok) == 0
+    dt = np.abs(np.array([r["thickness_nm"][0] for r in ok]) - heldout["thickness_nm"][:40])
+    assert np.mean(dt <= 1.0) >= 0.95
+    off = 1 + 2 * CALIBRATION_TOLERANCE
+    bad = [predictor.predict_batch(x[i:i + 1], pixel_size_mrad=float(true_ps[i] * off)) for i in range(10)]
+    assert all(r["ood_reason"][0] == 6 and r["confidence"][0] <= 0.05 for r in bad)

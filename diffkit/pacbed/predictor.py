@@ -34,8 +34,16 @@ OOD_REASONS = {
     3: "no diffraction contrast (blank or amorphous region)",
     4: "empty or non-finite pattern",
     5: "pattern statistics outside the training range for its thickness",
-    6: "disk size does not match the model's convergence angle at the calibrated pixel size",
+    6: "disk size does not match the model's convergence angle at the calibrated pixel size "
+       "(wrong convergence angle or pixel-size calibration; leave pixel_size_mrad unset to let the "
+       "pipeline measure the disk size)",
 }
+
+#: largest relative mismatch between the freely aligned disk radius and the radius implied by a
+#: given pixel size before reason 6 is raised. Measured on held-out frames: with a correct pixel size
+#: the ratio stays within 0.992-1.013 (1st-99th percentile); thickness within 1 nm falls from 99.7 %
+#: (correct) to 98.3 % (3 % off), 93.5 % (5 % off) and 70 % (8 % off).
+CALIBRATION_TOLERANCE = 0.03
 
 
 def default_device():
@@ -106,10 +114,9 @@ class PacbedPredictor:
         iterations = self.align_iterations if iterations is None else int(iterations)
         x = as_batch(patterns).to(self.device)
         centre, radius = rough_geometry(x)
-        calibrated = None
-        if pixel_size_mrad:
-            calibrated = self.convergence_mrad / float(pixel_size_mrad)
-            radius = torch.full_like(radius, calibrated)
+        # the disk size is always refined freely (an independent measurement to check a given
+        # calibration against); a calibrated size replaces it for the canonical frame at the end
+        calibrated = self.convergence_mrad / float(pixel_size_mrad) if pixel_size_mrad else None
         rot = torch.zeros_like(radius)
         active = torch.arange(len(x), device=x.device)
         for it in range(iterations):
@@ -216,7 +223,7 @@ class PacbedPredictor:
             reason[(reason == 0) & implausible(desc, t_mean, self.pattern_statistics)] = 5
         if pixel_size_mrad:
             ratio = self.last_free_radius / radius
-            reason[(ratio < 0.88) | (ratio > 1.12)] = 6
+            reason[(ratio - 1).abs() > CALIBRATION_TOLERANCE] = 6
         contrast = can.std(dim=(1, 2)) / can.mean(dim=(1, 2)).clamp_min(1e-12)
         reason[(contrast < 0.05) | vacuum_like(desc)] = 3
         reason[(~finite.to(self.device)) | (~nonempty.to(self.device))] = 4
