@@ -372,7 +372,7 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     measure = MeasureNet(sd["measure.thickness_bins"], sd["measure.tilt_bins"], n_px=g["n_px"])
     measure.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("measure.")})
     # inference only: BatchNorm folded into the convolutions, channels-last layout (oneDNN / cuDNN
-    # pick faster kernels; measured 1.4x on a 2-core CPU, same outputs to 1e-4 nm)
+    # pick faster kernels; measured ~1.3x on a 2-core CPU, same outputs to 1e-4 nm)
     for net in (align, measure):
         net.backbone.fuse_for_inference()
         net.to(memory_format=torch.channels_last)
