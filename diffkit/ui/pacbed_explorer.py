@@ -441,11 +441,13 @@ class PacbedExplorer(Viewer):
                     rings.append(hv.Ellipse(0, 0, 2 * r).opts(color="cyan", line_dash="dashed", line_width=1.5))
         return img * hv.Overlay(rings)
 
-    @param.depends("result")
-    def _numbers(self):
-        r = self.result
+    # The numbers, alternatives and status are stable panes whose *contents* follow the result
+    # (bound functions): replacing whole Bokeh models on every slider step races with the browser
+    # ("reference ... isn't known") when updates arrive in quick succession.
+    def _numbers_text(self, result, message=""):
+        r = result
         if not r:
-            return pn.pane.Markdown("*No measurement.*" if not self.message else "", sizing_mode="stretch_width")
+            return "*No measurement.*" if not message else ""
         lines = [
             "| quantity | value |", "|---|---|",
             f"| **thickness** | **{r['thickness_nm']:.1f} ± {r['thickness_std_nm']:.1f} nm** "
@@ -461,34 +463,45 @@ class PacbedExplorer(Viewer):
         mask = "off" if st["mask"] is None else f"{st['mask'][0]:g} + {st['mask'][1]:g} mrad"
         dose = "as recorded" if not st["dose"] else f"{st['dose']:g} e⁻/frame"
         lines.append(f"| settings | background {st['background']:.4f}, mask {mask}, dose {dose} |")
-        return pn.pane.Markdown("\n".join(lines), sizing_mode="stretch_width", css_classes=["pacbed-numbers"],
-                                name="numbers")
+        return "\n".join(lines)
 
-    @param.depends("result")
-    def _alternatives(self):
-        r = self.result
-        if not r:
-            return pn.pane.Markdown("")
-        vals, probs = r["alternatives"]
-        df = pd.DataFrame({"rank": np.arange(1, len(vals) + 1), "thickness (nm)": np.round(vals, 1),
-                           "probability (±1 nm)": np.round(probs, 3)})
-        df = df[np.isfinite(df["thickness (nm)"])]
-        return pn.Column(pn.pane.Markdown("**Top alternatives**", margin=(0, 5)),
-                         pn.pane.DataFrame(df, index=False, sizing_mode="stretch_width"))
+    @staticmethod
+    def _alternatives_table(result) -> pd.DataFrame:
+        cols = ["rank", "thickness (nm)", "probability (±1 nm)"]
+        if not result:
+            return pd.DataFrame({c: [] for c in cols})
+        vals, probs = result["alternatives"]
+        df = pd.DataFrame({cols[0]: np.arange(1, len(vals) + 1), cols[1]: np.round(vals, 1),
+                           cols[2]: np.round(probs, 3)})
+        return df[np.isfinite(df[cols[1]])]
 
-    @param.depends("message", "result")
-    def _status(self):
+    @staticmethod
+    def _ood_text(result) -> str:
         from ..pacbed import OOD_REASONS
 
-        items = []
-        if self.message:
-            items.append(pn.pane.Alert(self.message, alert_type="danger", css_classes=["diffkit-error"]))
-        r = self.result
-        if r and bool(r.get("ood")):
-            reason = OOD_REASONS.get(int(r.get("ood_reason", 1)), "unknown reason")
-            items.append(pn.pane.Alert(f"**Out of distribution:** {reason}. Treat this measurement with caution.",
-                                       alert_type="warning", css_classes=["diffkit-ood"]))
-        return pn.Column(*items, sizing_mode="stretch_width")
+        if not result or not bool(result.get("ood")):
+            return ""
+        reason = OOD_REASONS.get(int(result.get("ood_reason", 1)), "unknown reason")
+        return f"**Out of distribution:** {reason}. Treat this measurement with caution."
+
+    def _numbers_pane(self):
+        return pn.pane.Markdown(pn.bind(self._numbers_text, self.param.result, self.param.message),
+                                sizing_mode="stretch_width", css_classes=["pacbed-numbers"], name="numbers")
+
+    def _alternatives_pane(self):
+        return pn.Column(pn.pane.Markdown("**Top alternatives**", margin=(0, 5),
+                                          visible=pn.bind(bool, self.param.result)),
+                         pn.pane.DataFrame(pn.bind(self._alternatives_table, self.param.result), index=False,
+                                           sizing_mode="stretch_width", visible=pn.bind(bool, self.param.result)))
+
+    def _status_pane(self):
+        error = pn.pane.Alert(self.param.message, alert_type="danger", css_classes=["diffkit-error"],
+                              visible=pn.bind(bool, self.param.message), sizing_mode="stretch_width")
+        ood_text = pn.bind(self._ood_text, self.param.result)
+        ood = pn.pane.Alert(ood_text, alert_type="warning", css_classes=["diffkit-ood"],
+                            visible=pn.bind(lambda r: bool(self._ood_text(r)), self.param.result),
+                            sizing_mode="stretch_width")
+        return pn.Column(error, ood, sizing_mode="stretch_width")
 
     def _distribution_element(self, result):
         import holoviews as hv
@@ -507,26 +520,43 @@ class PacbedExplorer(Viewer):
         return (curve * vl).opts(width=380, height=230, title="Thickness distribution", tools=["hover"],
                                  framewise=True, xlim=(lo, hi))
 
-    def _sensitivity_element(self, mask_curve, background_curve, result=None):
+    def _mask_sensitivity_element(self, mask_curve, result=None):
         import holoviews as hv
 
-        if mask_curve is None or background_curve is None:
-            return (hv.Curve([]) + hv.Curve([])).opts(shared_axes=False)
         mdim = hv.Dimension("inner_mrad", label="mask inner radius", unit="mrad")
         tdim = hv.Dimension("thickness_nm", label="thickness", unit="nm")
-        m = hv.Curve(mask_curve, mdim, [tdim, "thickness_std_nm"]).opts(color="#30638e", tools=["hover"])
-        me = hv.Spread(mask_curve, mdim, [tdim, "thickness_std_nm"]).opts(alpha=0.2, color="#30638e")
         st = (result or self.result or {}).get("settings", {"mask": None, "background": 0.0})
-        marks = [hv.VLine(st["mask"][0]).opts(color="red", line_width=1.5)] if st["mask"] is not None else []
-        left = hv.Overlay([me, m, *marks]).opts(
-            width=380, height=230, framewise=True,
-            title=f"Mask sensitivity (width {mask_curve.attrs.get('width_mrad', 0):g} mrad)")
+        if mask_curve is None:
+            m, me, title = hv.Curve([], mdim, tdim), hv.Spread([], mdim, [tdim, "thickness_std_nm"]), "Mask sensitivity"
+        else:
+            m = hv.Curve(mask_curve, mdim, [tdim, "thickness_std_nm"])
+            me = hv.Spread(mask_curve, mdim, [tdim, "thickness_std_nm"])
+            title = f"Mask sensitivity (width {mask_curve.attrs.get('width_mrad', 0):g} mrad)"
+        # the marker is always there (invisible without a mask): the plot keeps its structure
+        mark = hv.VLine(st["mask"][0] if st["mask"] is not None else 0.0).opts(
+            color="red", line_width=1.5, alpha=1.0 if st["mask"] is not None else 0.0)
+        return hv.Overlay([me.opts(alpha=0.2, color="#30638e"), m.opts(color="#30638e", tools=["hover"]), mark]).opts(
+            width=380, height=230, framewise=True, title=title)
+
+    def _background_sensitivity_element(self, background_curve, result=None):
+        import holoviews as hv
+
         bdim = hv.Dimension("background", label="background strength", unit="mean/nm")
-        b = hv.Curve(background_curve, bdim, [tdim, "thickness_std_nm"]).opts(color="#d1495b", tools=["hover"])
-        be = hv.Spread(background_curve, bdim, [tdim, "thickness_std_nm"]).opts(alpha=0.2, color="#d1495b")
-        right = hv.Overlay([be, b, hv.VLine(st["background"]).opts(color="red", line_width=1.5)]).opts(
+        tdim = hv.Dimension("thickness_nm", label="thickness", unit="nm")
+        st = (result or self.result or {}).get("settings", {"mask": None, "background": 0.0})
+        if background_curve is None:
+            b, be = hv.Curve([], bdim, tdim), hv.Spread([], bdim, [tdim, "thickness_std_nm"])
+        else:
+            b = hv.Curve(background_curve, bdim, [tdim, "thickness_std_nm"])
+            be = hv.Spread(background_curve, bdim, [tdim, "thickness_std_nm"])
+        return hv.Overlay([be.opts(alpha=0.2, color="#d1495b"), b.opts(color="#d1495b", tools=["hover"]),
+                           hv.VLine(st["background"]).opts(color="red", line_width=1.5)]).opts(
             width=380, height=230, framewise=True, title="Background sensitivity")
-        return (left + right).opts(shared_axes=False)
+
+    def _sensitivity_element(self, mask_curve, background_curve, result=None):
+        """Both sensitivity curves side by side (a static layout, for notebooks and reports)."""
+        return (self._mask_sensitivity_element(mask_curve, result)
+                + self._background_sensitivity_element(background_curve, result)).opts(shared_axes=False)
 
     def controls(self):
         """The widgets (for a sidebar)."""
@@ -552,15 +582,17 @@ class PacbedExplorer(Viewer):
         raw = hv.DynamicMap(pn.bind(self._raw_element, self.param.pattern))
         net = hv.DynamicMap(pn.bind(self._net_element, self.param.result))
         dist = hv.DynamicMap(pn.bind(self._distribution_element, self.param.result))
-        sens = pn.bind(self._sensitivity_element, self.param.mask_curve, self.param.background_curve,
-                       self.param.result)
+        # two DynamicMaps: a new curve updates the plots' data instead of replacing the models
+        sens = (hv.DynamicMap(pn.bind(self._mask_sensitivity_element, self.param.mask_curve, self.param.result))
+                + hv.DynamicMap(pn.bind(self._background_sensitivity_element, self.param.background_curve,
+                                        self.param.result))).opts(shared_axes=False)
         top = pn.Row(pn.pane.HoloViews(self._scan_view(), css_classes=["diffkit-scan"]),
                      pn.pane.HoloViews(raw, css_classes=["diffkit-pattern"]),
                      pn.pane.HoloViews(net, css_classes=["diffkit-network-input"]))
-        numbers = pn.Row(pn.Column(pn.panel(self._numbers), width=420), pn.Column(pn.panel(self._alternatives), width=300))
+        numbers = pn.Row(pn.Column(self._numbers_pane(), width=420), pn.Column(self._alternatives_pane(), width=300))
         middle = pn.Row(numbers, pn.pane.HoloViews(dist, css_classes=["diffkit-distribution"]))
         bottom = pn.pane.HoloViews(sens, css_classes=["diffkit-sensitivity"])
-        return pn.Column(pn.panel(self._status), info, top, middle, bottom, sizing_mode="stretch_width")
+        return pn.Column(self._status_pane(), info, top, middle, bottom, sizing_mode="stretch_width")
 
     def _info(self, entry, region):
         if self._data is None:
