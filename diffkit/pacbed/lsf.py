@@ -131,9 +131,11 @@ class GeometrySearch:
     """Coarse-to-fine refinement of the pattern geometry during the LSF search.
 
     Coarse: every candidate is scored on the grid ``-step, 0, +step`` of every axis around the
-    starting geometry (3^4 = 81 geometries) and keeps its best. Fine: the ``n_refine`` best
-    candidates are refined each on its own by Gauss-Newton (trust region starting at one
-    step, at most ``max_iter`` iterations, converged when the step is below ``tol`` steps).
+    starting geometry (3^4 = 81 geometries) and keeps its best. Fine: the best candidate is
+    refined by Gauss-Newton (trust region starting at one step, at most ``max_iter``
+    iterations, converged when the step is below ``tol`` steps); all candidates are rescored at
+    its geometry; then the ``n_refine`` best and the best's grid neighbours are refined each on
+    its own from there (``max_iter_others`` iterations), a new leader fully again.
     A step of 0 disables that axis.
 
     Attributes
@@ -147,9 +149,12 @@ class GeometrySearch:
     n_refine : int
         Candidates refined individually.
     max_iter : int
-        Gauss-Newton iterations per candidate (0: grid only).
+        Gauss-Newton iterations for the leading candidate (0: grid only).
     tol : float
         Convergence threshold, in steps.
+    max_iter_others : int
+        Gauss-Newton iterations for the other leaders and the leader's grid neighbours, which
+        start from the leader's refined geometry.
     """
 
     shift_px: float = 0.5
@@ -158,11 +163,12 @@ class GeometrySearch:
     n_refine: int = 16
     max_iter: int = 8
     tol: float = 0.05
+    max_iter_others: int = 2
 
     @classmethod
     def fixed(cls) -> "GeometrySearch":
         """No refinement: the starting geometry only."""
-        return cls(0.0, 0.0, 0.0, 1, 0)
+        return cls(0.0, 0.0, 0.0, 1, 0, max_iter_others=0)
 
     @property
     def steps(self) -> np.ndarray:
@@ -679,30 +685,39 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     nc = len(lib.tilt_axis_mrad)
     where = -np.ones((lib.n_thickness, nc, nc), dtype=int)
     where[cand[:, 1], lib.cand_gy[cand[:, 0]], lib.cand_gx[cand[:, 0]]] = np.arange(K)
-    refined = np.zeros(K, bool)
-    top = np.argsort(best_chi, kind="stable")[:gs.n_refine]
-    for _round in range(8):
-        top = top[~refined[top]]
-        if len(top) == 0:
-            break
-        n_eval += _refine(sc, rows[top], ops[top], best_chi, best_geom, top, steps, steps * gs.tol, gs.max_iter)
-        refined[top] = True
+    # The geometry belongs to the pattern, not to the candidate: the leader (lowest chi2) is refined
+    # fully (up to ``max_iter`` Gauss-Newton steps), every candidate is then rescored at its refined
+    # geometry (polish), and the other leaders and the leader's grid neighbours (+-1 step in
+    # thickness and both tilts), which now start close to their own optimum, get ``max_iter_others``
+    # steps. Whenever another candidate takes the lead it is refined fully and the round repeats,
+    # so the reported best is always a fully refined candidate whose neighbours were all refined.
+    refined = np.zeros(K, bool)  # fully refined
+    touched = np.zeros(K, bool)  # refined (fully or with max_iter_others steps)
+    for _round in range(16):
+        lead = int(np.argmin(best_chi))
+        if not refined[lead]:
+            n_eval += _refine(sc, rows[[lead]], ops[[lead]], best_chi, best_geom, np.array([lead]), steps,
+                              steps * gs.tol, gs.max_iter)
+            refined[lead] = touched[lead] = True
         if gs.max_iter == 0:
             break
-        # polish: every candidate at the best geometry so far (one outside the refined set may now
-        # fit better), then refine the new leaders and the grid neighbours (+-1 step in thickness
-        # and both tilts) of the best, until the best is refined and so are all its neighbours
-        b = int(np.argmin(best_chi))
-        c1, _ = _score_candidates(sc, sc.resample(best_geom[b][None]), rows, ops, dense)
+        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, dense)
         n_eval += K
-        better = (c1 < best_chi) & ~refined  # refined candidates keep their exact values
+        better = (c1 < best_chi) & ~touched  # refined candidates keep their exact values
         best_chi[better] = c1[better]
-        best_geom[better] = best_geom[b]
+        best_geom[better] = best_geom[lead]
         b = int(np.argmin(best_chi))
+        if not refined[b]:
+            continue  # an unrefined candidate leads after the polish: refine it fully first
         j, gy, gx = cand[b, 1], lib.cand_gy[cand[b, 0]], lib.cand_gx[cand[b, 0]]
         nb = where[max(j - 1, 0):j + 2, max(gy - 1, 0):gy + 2, max(gx - 1, 0):gx + 2].ravel()
-        nb = nb[nb >= 0]
-        top = np.unique(np.concatenate([np.argsort(best_chi, kind="stable")[:gs.n_refine], nb]))
+        top = np.unique(np.concatenate([np.argsort(best_chi, kind="stable")[:gs.n_refine], nb[nb >= 0]]))
+        top = top[~touched[top]]
+        if len(top) == 0:
+            break
+        n_eval += _refine(sc, rows[top], ops[top], best_chi, best_geom, top, steps, steps * gs.tol,
+                          gs.max_iter_others)
+        touched[top] = True
     b = int(np.argmin(best_chi))
     # exact chi2, f, b of the best candidate in float64
     g = best_geom[b]
@@ -783,8 +798,8 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
     x = _check_patterns(patterns)
     B = x.shape[0]
     gs = geometry_search or GeometrySearch()
-    if gs.max_iter < 0 or gs.n_refine < 1 or min(gs.shift_px, gs.scale, gs.rotation_deg) < 0:
-        raise BadInputError("geometry_search needs non-negative steps, n_refine >= 1 and max_iter >= 0")
+    if min(gs.max_iter, gs.max_iter_others) < 0 or gs.n_refine < 1 or min(gs.shift_px, gs.scale, gs.rotation_deg) < 0:
+        raise BadInputError("geometry_search needs non-negative steps, n_refine >= 1 and max_iter(_others) >= 0")
     if delta_chi2 <= 0:
         raise BadInputError("delta_chi2 must be positive")
     fit_r = lib.n_px / 2 if fit_radius_mrad is None else float(fit_radius_mrad) / lib.pixel_size_mrad
@@ -847,18 +862,18 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
             cube[np.isinf(cube)] = np.nan
             land[i] = cube
         out["seconds"][i] = time.perf_counter() - t0
-    ds = xr.Dataset({k: ("pattern", v) for k, v in out.items()})
-    for k in ("n_candidates", "n_evaluations", "fit_radius_px"):
-        ds[k] = ds[k].astype(int)
-    for k in ds:
-        ds[k].attrs["units"] = _units(k)
-    ds["chi2"].attrs["long_name"] = "sum of squared residuals, experimental intensities normalised to unit mean"
-    ds["fit_radius_px"].attrs["units"] = "library px"
+    # one Dataset constructor call (adding variables one by one costs ~10 ms per pattern in xarray)
+    ints = ("n_candidates", "n_evaluations", "fit_radius_px")
+    data = {k: ("pattern", v.astype(int) if k in ints else v, {"units": _units(k)}) for k, v in out.items()}
+    data["chi2"][2]["long_name"] = "sum of squared residuals, experimental intensities normalised to unit mean"
+    data["fit_radius_px"][2]["units"] = "library px"
+    coords = {}
     if land is not None:
-        ds["chi2_landscape"] = (("pattern", "grid_thickness_nm", "grid_tilt_y_mrad", "grid_tilt_x_mrad"), land)
-        ds = ds.assign_coords(grid_thickness_nm=lib.thickness_nm, grid_tilt_y_mrad=lib.tilt_axis_mrad,
-                              grid_tilt_x_mrad=lib.tilt_axis_mrad)
-        ds["chi2_landscape"].attrs.update(units="", long_name="chi2 of each candidate at its best trial geometry")
+        data["chi2_landscape"] = (("pattern", "grid_thickness_nm", "grid_tilt_y_mrad", "grid_tilt_x_mrad"), land,
+                                  {"units": "", "long_name": "chi2 of each candidate at its best trial geometry"})
+        coords = dict(grid_thickness_nm=lib.thickness_nm, grid_tilt_y_mrad=lib.tilt_axis_mrad,
+                      grid_tilt_x_mrad=lib.tilt_axis_mrad)
+    ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(method="least-squares fit, f (and b) in closed form, coarse-to-fine geometry",
                     fit_background=int(fit_background), delta_chi2=delta_chi2,
                     geometry_search=str(dataclasses.asdict(gs)), library_key=str(lib.attrs.get("spec_key", "")),
@@ -947,14 +962,15 @@ def hybrid_fit(library, patterns, predictor=None, *, estimates: dict | None = No
         widened[todo] += 1
     t_lsf = time.perf_counter() - t1
     final_srch = {"thickness_nm": (ct - wt, ct + wt), "tilt_x_mrad": (cx - wx, cx + wx), "tilt_y_mrad": (cy - wy, cy + wy)}
-    result["cnn_thickness_nm"] = ("pattern", est["thickness_nm"], {"units": "nm"})
-    result["cnn_tilt_x_mrad"] = ("pattern", est["tilt_x_mrad"], {"units": "mrad"})
-    result["cnn_tilt_y_mrad"] = ("pattern", est["tilt_y_mrad"], {"units": "mrad"})
-    result["thickness_window_nm"] = ("pattern", wt, {"units": "nm"})
-    result["tilt_x_window_mrad"] = ("pattern", wx, {"units": "mrad"})
-    result["tilt_y_window_mrad"] = ("pattern", wy, {"units": "mrad"})
-    result["widened"] = ("pattern", widened)
-    result["at_edge"] = ("pattern", _at_edge(lib, result, final_srch).any(1))
+    result = result.assign({
+        "cnn_thickness_nm": ("pattern", est["thickness_nm"], {"units": "nm"}),
+        "cnn_tilt_x_mrad": ("pattern", est["tilt_x_mrad"], {"units": "mrad"}),
+        "cnn_tilt_y_mrad": ("pattern", est["tilt_y_mrad"], {"units": "mrad"}),
+        "thickness_window_nm": ("pattern", wt, {"units": "nm"}),
+        "tilt_x_window_mrad": ("pattern", wx, {"units": "mrad"}),
+        "tilt_y_window_mrad": ("pattern", wy, {"units": "mrad"}),
+        "widened": ("pattern", widened),
+        "at_edge": ("pattern", _at_edge(lib, result, final_srch).any(1))})
     result.attrs.update(method="hybrid CNN + LSF", cnn_seconds=t_cnn, lsf_seconds=t_lsf)
     return result
 
