@@ -526,9 +526,23 @@ def _sums(e: torch.Tensor):
     return (e * e).sum(-1).double(), e.sum(-1).double()
 
 
-def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.ndarray, dense: bool):
+class _CandidateBlocks:
+    """The candidates' library rows gathered once per pattern, grouped by symmetry op (contiguous
+    blocks), so that each scoring pass is one matrix product per op without copying rows again."""
+
+    def __init__(self, lib: LsfLibrary, rows: np.ndarray, ops: np.ndarray):
+        order = np.argsort(ops, kind="stable")
+        self.rows = torch.as_tensor(rows[order], device=lib.device)
+        self.matrix = lib.matrix[self.rows]
+        bounds = np.searchsorted(ops[order], np.arange(len(SYMMETRY_OPS) + 1))
+        self.blocks = [(k, int(bounds[k]), int(bounds[k + 1]), order[bounds[k]:bounds[k + 1]])
+                       for k in range(len(SYMMETRY_OPS)) if bounds[k + 1] > bounds[k]]
+
+
+def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.ndarray, dense: bool,
+                      blocks: _CandidateBlocks | None = None):
     """Best chi2 (K,) over trial geometries e (G, P) and its geometry index (K,), for candidates
-    given as library row and symmetry op."""
+    given as library row and symmetry op (``blocks``: the same candidates, pre-gathered)."""
     lib = sc.lib
     n = lib.n_px
     K, G = len(rows), e.shape[0]
@@ -550,6 +564,14 @@ def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.nd
         return t_min[ri, oi].cpu().numpy(), t_arg[ri, oi].cpu().numpy()
     best = np.empty(K)
     arg = np.empty(K, dtype=int)
+    if blocks is not None:
+        for k, a, b, sel in blocks.blocks:
+            Ek = _inverse_op(img, SYMMETRY_OPS[k]).reshape(G, n * n)
+            c = sc.chi2(blocks.matrix[a:b] @ Ek.T, blocks.rows[a:b], see[None], se[None])
+            m, am = c.min(dim=1)
+            best[sel] = m.cpu().numpy()
+            arg[sel] = am.cpu().numpy()
+        return best, arg
     for k in np.unique(ops):
         sel = np.nonzero(ops == k)[0]
         r = torch.as_tensor(rows[sel], device=dev)
@@ -677,7 +699,8 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     K = len(cand)
     dense = K > 0.25 * lib.matrix.shape[0] * 8
     geoms = _apply_offsets(start, gs.offsets(), lib.disk_radius_px)
-    best_chi, arg = _score_candidates(sc, sc.resample(geoms), rows, ops, dense)
+    blocks = None if dense else _CandidateBlocks(lib, rows, ops)
+    best_chi, arg = _score_candidates(sc, sc.resample(geoms), rows, ops, dense, blocks)
     best_geom = geoms[arg]
     n_eval = K * len(geoms)
     steps = gs.steps
@@ -701,7 +724,7 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
             refined[lead] = touched[lead] = True
         if gs.max_iter == 0:
             break
-        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, dense)
+        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, dense, blocks)
         n_eval += K
         better = (c1 < best_chi) & ~touched  # refined candidates keep their exact values
         best_chi[better] = c1[better]
