@@ -539,17 +539,18 @@ class _CandidateBlocks:
                        for k in range(len(SYMMETRY_OPS)) if bounds[k + 1] > bounds[k]]
 
 
-def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.ndarray, dense: bool,
-                      blocks: _CandidateBlocks | None = None):
+def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.ndarray,
+                      blocks: _CandidateBlocks | None):
     """Best chi2 (K,) over trial geometries e (G, P) and its geometry index (K,), for candidates
-    given as library row and symmetry op (``blocks``: the same candidates, pre-gathered)."""
+    given as library row and symmetry op. ``blocks``: the same candidates pre-gathered (a few),
+    or None to score the whole library densely and pick the candidates (most of the library)."""
     lib = sc.lib
     n = lib.n_px
     K, G = len(rows), e.shape[0]
     dev = lib.device
     see, se = _sums(e)
     img = e.reshape(G, n, n)
-    if dense:
+    if blocks is None:
         # every library row against every op and geometry, in chunks; then pick the candidates
         N = lib.matrix.shape[0]
         Ef = torch.stack([_inverse_op(img, op) for op in SYMMETRY_OPS]).reshape(8 * G, n * n).T.contiguous()
@@ -564,22 +565,12 @@ def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.nd
         return t_min[ri, oi].cpu().numpy(), t_arg[ri, oi].cpu().numpy()
     best = np.empty(K)
     arg = np.empty(K, dtype=int)
-    if blocks is not None:
-        for k, a, b, sel in blocks.blocks:
-            Ek = _inverse_op(img, SYMMETRY_OPS[k]).reshape(G, n * n)
-            c = sc.chi2(blocks.matrix[a:b] @ Ek.T, blocks.rows[a:b], see[None], se[None])
-            m, am = c.min(dim=1)
-            best[sel] = m.cpu().numpy()
-            arg[sel] = am.cpu().numpy()
-        return best, arg
-    for k in np.unique(ops):
-        sel = np.nonzero(ops == k)[0]
-        r = torch.as_tensor(rows[sel], device=dev)
+    for k, a, b, sel in blocks.blocks:
         Ek = _inverse_op(img, SYMMETRY_OPS[k]).reshape(G, n * n)
-        c = sc.chi2(lib.matrix[r] @ Ek.T, r, see[None], se[None])
-        m, a = c.min(dim=1)
+        c = sc.chi2(blocks.matrix[a:b] @ Ek.T, blocks.rows[a:b], see[None], se[None])
+        m, am = c.min(dim=1)
         best[sel] = m.cpu().numpy()
-        arg[sel] = a.cpu().numpy()
+        arg[sel] = am.cpu().numpy()
     return best, arg
 
 
@@ -697,10 +688,10 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     rows = lib.cand_tilt[cand[:, 0]] * lib.n_thickness + cand[:, 1]
     ops = lib.cand_op[cand[:, 0]]
     K = len(cand)
-    dense = K > 0.25 * lib.matrix.shape[0] * 8
     geoms = _apply_offsets(start, gs.offsets(), lib.disk_radius_px)
-    blocks = None if dense else _CandidateBlocks(lib, rows, ops)
-    best_chi, arg = _score_candidates(sc, sc.resample(geoms), rows, ops, dense, blocks)
+    # most of the library (K > a quarter of rows x ops): score it all densely, then pick
+    blocks = None if K > 0.25 * lib.matrix.shape[0] * 8 else _CandidateBlocks(lib, rows, ops)
+    best_chi, arg = _score_candidates(sc, sc.resample(geoms), rows, ops, blocks)
     best_geom = geoms[arg]
     n_eval = K * len(geoms)
     steps = gs.steps
@@ -724,7 +715,7 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
             refined[lead] = touched[lead] = True
         if gs.max_iter == 0:
             break
-        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, dense, blocks)
+        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, blocks)
         n_eval += K
         better = (c1 < best_chi) & ~touched  # refined candidates keep their exact values
         best_chi[better] = c1[better]

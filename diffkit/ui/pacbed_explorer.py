@@ -489,10 +489,10 @@ class PacbedExplorer(Viewer):
                                 sizing_mode="stretch_width", css_classes=["pacbed-numbers"], name="numbers")
 
     def _alternatives_pane(self):
-        return pn.Column(pn.pane.Markdown("**Top alternatives**", margin=(0, 5),
-                                          visible=pn.bind(bool, self.param.result)),
+        return pn.Column(pn.pane.Markdown("**Top alternatives**", margin=(0, 5)),
                          pn.pane.DataFrame(pn.bind(self._alternatives_table, self.param.result), index=False,
-                                           sizing_mode="stretch_width", visible=pn.bind(bool, self.param.result)))
+                                           sizing_mode="stretch_width"),
+                         visible=pn.bind(bool, self.param.result))
 
     def _status_pane(self):
         error = pn.pane.Alert(self.param.message, alert_type="danger", css_classes=["diffkit-error"],
@@ -520,12 +520,16 @@ class PacbedExplorer(Viewer):
         return (curve * vl).opts(width=380, height=230, title="Thickness distribution", tools=["hover"],
                                  framewise=True, xlim=(lo, hi))
 
+    def _settings(self, result=None) -> dict:
+        """Mask and background settings of ``result`` (or the current result)."""
+        return (result or self.result or {}).get("settings", {"mask": None, "background": 0.0})
+
     def _mask_sensitivity_element(self, mask_curve, result=None):
         import holoviews as hv
 
         mdim = hv.Dimension("inner_mrad", label="mask inner radius", unit="mrad")
         tdim = hv.Dimension("thickness_nm", label="thickness", unit="nm")
-        st = (result or self.result or {}).get("settings", {"mask": None, "background": 0.0})
+        st = self._settings(result)
         if mask_curve is None:
             m, me, title = hv.Curve([], mdim, tdim), hv.Spread([], mdim, [tdim, "thickness_std_nm"]), "Mask sensitivity"
         else:
@@ -543,7 +547,7 @@ class PacbedExplorer(Viewer):
 
         bdim = hv.Dimension("background", label="background strength", unit="mean/nm")
         tdim = hv.Dimension("thickness_nm", label="thickness", unit="nm")
-        st = (result or self.result or {}).get("settings", {"mask": None, "background": 0.0})
+        st = self._settings(result)
         if background_curve is None:
             b, be = hv.Curve([], bdim, tdim), hv.Spread([], bdim, [tdim, "thickness_std_nm"])
         else:
@@ -552,11 +556,6 @@ class PacbedExplorer(Viewer):
         return hv.Overlay([be.opts(alpha=0.2, color="#d1495b"), b.opts(color="#d1495b", tools=["hover"]),
                            hv.VLine(st["background"]).opts(color="red", line_width=1.5)]).opts(
             width=380, height=230, framewise=True, title="Background sensitivity")
-
-    def _sensitivity_element(self, mask_curve, background_curve, result=None):
-        """Both sensitivity curves side by side (a static layout, for notebooks and reports)."""
-        return (self._mask_sensitivity_element(mask_curve, result)
-                + self._background_sensitivity_element(background_curve, result)).opts(shared_axes=False)
 
     def controls(self):
         """The widgets (for a sidebar)."""
