@@ -876,7 +876,8 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
             cube[np.isinf(cube)] = np.nan
             land[i] = cube
         out["seconds"][i] = time.perf_counter() - t0
-    # one Dataset constructor call (adding variables one by one costs ~10 ms per pattern in xarray)
+    # one Dataset constructor call: adding variables one by one re-merges the Dataset each time
+    # (13 % of the hybrid fit's time in a cProfile run)
     ints = ("n_candidates", "n_evaluations", "fit_radius_px")
     data = {k: ("pattern", v.astype(int) if k in ints else v, {"units": _units(k)}) for k, v in out.items()}
     data["chi2"][2]["long_name"] = "sum of squared residuals, experimental intensities normalised to unit mean"
