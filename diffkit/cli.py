@@ -163,8 +163,21 @@ def cmd_map(args):
     t = time.perf_counter()
     window = (args.window, args.window)
     step = (args.step, args.step) if args.step else None
-    maps = map_pacbed(data, window=window, step=step, store=args.out, scheduler=args.scheduler,
-                      background=args.background or None)
+    from .maps import StoreMismatchError
+
+    def run(overwrite):
+        return map_pacbed(data, window=window, step=step, store=args.out, scheduler=args.scheduler,
+                          background=args.background or None, overwrite=overwrite)
+
+    try:
+        maps = run(getattr(args, "overwrite", False))
+    except StoreMismatchError as e:
+        if not getattr(args, "replace_stale", False):
+            raise SystemExit(f"error: {e}\n(on the command line: --overwrite starts the map over)") from None
+        # the demo's own output folder: a store from another model or other arguments is recomputed
+        print(f"{args.out} was written by another model or with other arguments: computing it again")
+        t = time.perf_counter()
+        maps = run(True)
     dt = time.perf_counter() - t
     n = data.data.shape[0] * data.data.shape[1]
     print(f"mapped {n} frames ({maps.sizes['y']}x{maps.sizes['x']} windows) in {dt:.1f} s ({n / dt:.0f} frames/s)")
@@ -186,7 +199,8 @@ def cmd_demo(args):
     out.mkdir(parents=True, exist_ok=True)
     ns = argparse.Namespace(catalog=args.catalog, entry="sto_pacbed_wedge", source=None, dose=None,
                             window=5, step=None, out=str(out / "sto_pacbed_wedge_map.zarr"),
-                            png=str(out / "sto_pacbed_wedge_map.png"), scheduler=args.scheduler, background=None)
+                            png=str(out / "sto_pacbed_wedge_map.png"), scheduler=args.scheduler, background=None,
+                            replace_stale=True)
     cmd_map(ns)
     if args.serve:
         cmd_serve(argparse.Namespace(port=args.port, address=args.address, show=False, apps=None))
@@ -264,6 +278,8 @@ def main(argv=None):
     p.add_argument("--png", default=None)
     p.add_argument("--scheduler", default=None, help="'threads', 'processes' or a dask.distributed address")
     p.add_argument("--background", type=float, default=0.0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over when --out holds a map written with other arguments or another model")
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("demo", help="main job on the bundled demo catalog (headless), optionally serve the dashboards")

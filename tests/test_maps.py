@@ -468,3 +468,35 @@ def test_gpu_blocks_grow_by_whole_input_chunks():
     assert g.chunks == (16, 64)  # 16 whole input chunks of rows, 1024 windows
     assert window_grid((8, 256), 4, data_chunks=data_chunks, min_block_windows=1024).chunks == (2, 64)  # capped
     assert window_grid((256, 256), 4, data_chunks=data_chunks, chunks=(2, 8), min_block_windows=1024).chunks == (2, 8)
+
+
+def test_cli_map_store_from_another_model(monkeypatch, tmp_path, capsys):
+    """`diffkit map --out` refuses a store written by another model (says how to start over);
+    `--overwrite` starts over; the demo recomputes its own stale output instead of failing."""
+    import argparse
+
+    import diffkit.cli as cli
+    import diffkit.maps as maps
+
+    calls = []
+
+    def fake_map(data, *, overwrite=False, **kw):
+        calls.append(overwrite)
+        if not overwrite:
+            raise StoreMismatchError("map store was written with different arguments: card_id differs")
+        return xr.Dataset(coords={"y": [0.0], "x": [0.0]})
+
+    f = tmp_path / "scan.npy"
+    np.save(f, frames(scan=(2, 2)))
+    monkeypatch.setattr(maps, "map_pacbed", fake_map)
+    monkeypatch.setattr(cli, "_load_entry", lambda a: None)
+    ns = dict(catalog=None, entry=None, source=str(f), dose=None, window=1, step=None, out=str(tmp_path / "m.zarr"),
+              png=None, scheduler=None, background=None)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        cli.cmd_map(argparse.Namespace(**ns))
+    assert calls == [False]
+    cli.cmd_map(argparse.Namespace(**ns, overwrite=True))
+    assert calls == [False, True]
+    calls.clear()
+    cli.cmd_map(argparse.Namespace(**ns, replace_stale=True))
+    assert calls == [False, True] and "computing it again" in capsys.readouterr().out

@@ -157,3 +157,31 @@ def test_pixel_size_calibration_is_checked_against_the_measured_disk(predictor, 
     off = 1 + 2 * CALIBRATION_TOLERANCE
     bad = [predictor.predict_batch(x[i:i + 1], pixel_size_mrad=float(true_ps[i] * off)) for i in range(10)]
     assert all(r["ood_reason"][0] == 6 and r["confidence"][0] <= 0.05 for r in bad)
+
+
+def test_symmetric_views_map_corrections_back():
+    """An exactly equivariant 'network' (centroid offset, four-fold harmonic angle, size) must give the
+    same correction from every symmetric view once mapped back: checks the signs of the averaged pass."""
+    import torch
+
+    from diffkit.pacbed.predictor import _VIEWS, _view, _view_back
+
+    n = 33
+    v = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    yy, xx = torch.meshgrid(v, v, indexing="ij")
+    th = np.deg2rad(7.0)  # a cross turned by 7 deg, shifted by (2, -3) px: no symmetry left
+    u, w = (xx + 3) * np.cos(th) + (yy - 2) * np.sin(th), -(xx + 3) * np.sin(th) + (yy - 2) * np.cos(th)
+    img = (torch.exp(-(u / 1.5) ** 2 - (w / 9) ** 2) + torch.exp(-(w / 1.5) ** 2 - (u / 6) ** 2))[None]
+
+    def oracle(c):
+        m = c.sum(dim=(1, 2))
+        cy, cx = (c * yy).sum(dim=(1, 2)) / m, (c * xx).sum(dim=(1, 2)) / m
+        ang = torch.atan2(yy - cy[:, None, None], xx - cx[:, None, None])
+        z = (c * torch.exp(4j * ang)).sum(dim=(1, 2))
+        return -cy, -cx, torch.full_like(cy, 0.01), -torch.rad2deg(torch.angle(z)) / 4
+
+    ref = torch.stack(oracle(img))
+    assert abs(float(ref[3, 0]) + 7.0) < 1.0 and abs(float(ref[0, 0]) + 2) < 0.5  # the oracle sees the cross
+    for view in _VIEWS:
+        back = _view_back(oracle(_view(img, view)), view)
+        assert torch.allclose(back, ref, atol=1e-6), view

@@ -630,7 +630,9 @@ def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_i
     # exact chi2 (from the residuals) of the refined candidates at their current geometries: the
     # coarse values come from <E,E> - <E,S>^2/<S,S> in float32, which cancels
     all_idx = torch.arange(M, device=dev)
-    imgs = sc.resample(best_geom[top], masked=False)  # (M, P) unmasked, at each candidate's geometry
+    # (M, P) unmasked, at each candidate's geometry; most share the leader's, so resample each geometry once
+    geo_u, inv = np.unique(best_geom[top], axis=0, return_inverse=True)
+    imgs = sc.resample(geo_u, masked=False)[torch.as_tensor(inv.ravel(), device=dev)]
     best_chi[top] = fit_lin(imgs * mask, all_idx)
     n_eval += M
     for _ in range(max_iter if axes else 0):

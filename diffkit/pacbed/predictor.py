@@ -77,6 +77,43 @@ def apply_band_mask(canonical: torch.Tensor, inner_px: float, width_px: float) -
     return out
 
 
+# symmetric views of a canonical pattern as (transpose, flip rows, flip columns), applied in that
+# order: identity, transpose, 180 deg rotation, anti-transpose, then the two mirrors and +-90 deg
+_VIEWS = ((0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1))
+
+
+def _view(canonical: torch.Tensor, view) -> torch.Tensor:
+    t, fy, fx = view
+    v = canonical.transpose(-1, -2) if t else canonical
+    if fy:
+        v = v.flip(-2)
+    if fx:
+        v = v.flip(-1)
+    return v
+
+
+def _view_back(corr, view) -> torch.Tensor:
+    """Corrections (dy, dx, dlog, drot) measured on a view, expressed for the original pattern (4, B)."""
+    dy, dx, dlog, drot = corr
+    t, fy, fx = view
+    if fy:  # a mirror reverses the sense of rotation
+        dy, drot = -dy, -drot
+    if fx:
+        dx, drot = -dx, -drot
+    if t:
+        dy, dx, drot = dx, dy, -drot
+    return torch.stack([dy, dx, dlog, drot])
+
+
+def _corrected(centre, radius, rot, dy, dx, dlog, drot, disk_radius_px: float):
+    """Geometry after a correction given in the canonical frame (px, log size, deg)."""
+    s = radius / disk_radius_px
+    th = torch.deg2rad(rot)
+    centre = centre + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
+                                   s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
+    return centre, radius * torch.exp(dlog), (rot + drot + 45) % 90 - 45
+
+
 class PacbedPredictor:
     """Shipped PACBED networks for one (material, zone, kV, convergence angle).
 
@@ -106,6 +143,11 @@ class PacbedPredictor:
         #: most alignment passes per pattern (patterns whose correction is negligible stop earlier);
         #: fewer is faster but less accurate (held out at 13.6 mrad: 6 -> 99.6 %, 3 -> 99.1 % within 1 nm)
         self.align_iterations = 6
+        #: views averaged in a last alignment pass: 4 = the canonical pattern, its transpose, its
+        #: 180 deg rotation and its anti-transpose (the corrections mapped back and averaged, which
+        #: cancels part of the network's orientation-dependent error); 1 disables. Held out at
+        #: 13.6 mrad: size within 1 % 97.5 -> 98.9 %, rotation within 1 deg 94.7 -> 95.1 %.
+        self.align_views = 4
 
     # ------------------------------------------------------------------ geometry
     @torch.no_grad()
@@ -122,29 +164,31 @@ class PacbedPredictor:
         for it in range(iterations):
             xa, c, r, ro = x[active], centre[active], radius[active], rot[active]
             can = to_canonical(xa, c, r, ro, self.disk_radius_px, self.n_px)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
-                p = self.align_net(normalise(can)).float()
-            s = r / self.disk_radius_px
-            th = torch.deg2rad(ro)
-            dy, dx = p[:, 0], p[:, 1]
-            dlog = p[:, 2].clamp(-0.3, 0.3)
-            drot = torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
-            centre[active] = c + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
-                                              s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
-            radius[active] = r * torch.exp(dlog)
-            rot[active] = (ro + drot + 45) % 90 - 45
+            dy, dx, dlog, drot = self._corrections(can)
+            centre[active], radius[active], rot[active] = _corrected(c, r, ro, dy, dx, dlog, drot, self.disk_radius_px)
             # patterns whose last correction was negligible are done (after at least 2 passes)
             moving = (torch.hypot(dy, dx) > 0.05) | (dlog.abs() > 1e-3) | (drot.abs() > 0.05)
             if it >= 1:
                 active = active[moving]
                 if len(active) == 0:
                     break
+        if self.align_views > 1 and iterations > 0:
+            can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
+            views = _VIEWS[:self.align_views]
+            corr = torch.stack([_view_back(self._corrections(_view(can, v)), v) for v in views]).mean(0)
+            centre, radius, rot = _corrected(centre, radius, rot, *corr, self.disk_radius_px)
         # the disk size the network finds, kept to check it against the calibration
         self.last_free_radius = radius
         if calibrated is not None:
             radius = torch.full_like(radius, calibrated)
         can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
         return centre, radius, rot, can
+
+    def _corrections(self, canonical: torch.Tensor):
+        """AlignNet's corrections (dy, dx px; d log size; d rotation deg) in the canonical frame."""
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            p = self.align_net(normalise(canonical)).float()
+        return p[:, 0], p[:, 1], p[:, 2].clamp(-0.3, 0.3), torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
 
     # ------------------------------------------------------------------ measurement
     @torch.no_grad()
