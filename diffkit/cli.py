@@ -122,7 +122,8 @@ def cmd_calibrate(args):
 
     pred = load_predictor(material=args.material, zone=args.zone, energy_kv=args.kv, convergence_mrad=args.convergence)
     temps, table = recalibrate(pred.card["card_path"], n=args.n, cache_dir=args.cache)
-    print(f"temperatures: thickness {temps[0]:.4f}, tilt {temps[1]:.4f}; OOD pattern statistics per band written")
+    print(f"temperatures: thickness {temps[0]:.4f}, tilt {temps[1]:.4f}; OOD pattern statistics and rotation "
+          "uncertainty per thickness band written")
 
 
 def cmd_predict(args):

@@ -185,3 +185,14 @@ def test_symmetric_views_map_corrections_back():
     for view in _VIEWS:
         back = _view_back(oracle(_view(img, view)), view)
         assert torch.allclose(back, ref, atol=1e-6), view
+
+
+def test_rotation_uncertainty_follows_thickness(heldout, heldout_pred):
+    """Rotation (hence the crystal axes of the tilt) is undetermined in thin patterns: the predicted
+    68 % half-width says so, and it covers the actual errors about as often as it claims."""
+    s, t = heldout_pred["rotation_std_deg"], heldout["thickness_nm"]
+    dr = np.abs((heldout_pred["rotation_deg"] - heldout["rotation_deg"] + 45) % 90 - 45)
+    assert np.isfinite(s).all() and (s > 0).all()
+    assert np.median(s[t > 20]) < 0.5
+    assert (t < 8).any() and np.median(s[t < 8]) > 5
+    assert 0.6 <= np.mean(dr <= s) <= 0.95

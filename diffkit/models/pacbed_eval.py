@@ -91,6 +91,8 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
         "thickness_z_within_1sigma": frac(zt, 1.0), "thickness_z_within_2sigma": frac(zt, 2.0),
         "tilt_z_within_1sigma": frac(ztilt, 1.0), "tilt_z_within_2sigma": frac(ztilt, 2.0),
         "ood_flag_rate": float(np.mean(pred["ood"])),
+        # the predicted rotation uncertainty (68 % half-width per thickness band) against the errors
+        "rotation_coverage_68": frac(dr - pred["rotation_std_deg"], 0.0) if np.isfinite(pred["rotation_std_deg"]).all() else None,
         "by_thickness": {}, "by_dose": {},
     }
     edges = [0, 10, 20, 40, 60, 80, 100, 121]
@@ -100,7 +102,8 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
             rep["by_thickness"][f"{lo}-{hi} nm"] = {
                 "n": int(m.sum()), "within_1nm": frac(dt[m], 1.0), "within_2nm": frac(dt[m], 2.0),
                 "tilt_within_0.25mrad": frac(np.concatenate([dtx[m], dty[m]]), 0.25),
-                "size_within_1pct": frac(ds[m], 0.01), "rotation_within_1deg": frac(dr[m], 1.0)}
+                "size_within_1pct": frac(ds[m], 0.01), "rotation_within_1deg": frac(dr[m], 1.0),
+                "rotation_std_deg_median": float(np.median(pred["rotation_std_deg"][m]))}
     ld = np.log10(test["dose"])
     for lo, hi in ((6, 7), (7, 8), (8, 9.01)):
         m = (ld >= lo) & (ld < hi)

@@ -136,7 +136,7 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
-    temps, table = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n, device=device)
+    temps, table, rotation = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n, device=device)
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
     sd["measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
@@ -145,6 +145,7 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
                                         "method": "68 % / 95 % interval coverage, raw frames through the full pipeline",
                                         "n": n}
     card["ood"]["pattern_statistics"] = table
+    card["rotation_uncertainty"] = rotation
     tb = sd["measure.thickness_bins"]
     card["resolution_floor"] = {
         "thickness_nm": float(tb[1] - tb[0]) / np.sqrt(12),

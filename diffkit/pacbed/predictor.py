@@ -289,6 +289,7 @@ class PacbedPredictor:
             "outside_fraction": desc[:, 0], "fourfold": desc[:, 1], "disk_contrast": desc[:, 2],
         }
         res = {k: v.detach().cpu().numpy() for k, v in res.items()}
+        res["rotation_std_deg"] = self.rotation_uncertainty(res["thickness_nm"])
         res["confidence"] = np.where(res["ood"], np.minimum(res["confidence"], 0.05), res["confidence"])
         res["alternatives"] = _alternatives(pt, tb, n_alternatives)
         if return_distributions:
@@ -299,6 +300,21 @@ class PacbedPredictor:
             res["tilt_bins_mrad"] = ab.cpu().numpy()
             res["canonical"] = can.cpu().numpy()
         return res
+
+    def rotation_uncertainty(self, thickness_nm) -> np.ndarray:
+        """68 % half-width (deg) of the rotation error at these (predicted) thicknesses (nm), from the
+        model card's end-to-end calibration per thickness band; NaN for a card without one.
+
+        The tilt components refer to the crystal axes found by the alignment, so the tilt azimuth
+        carries the same uncertainty (thin patterns: tens of degrees).
+        """
+        t = np.asarray(thickness_nm, dtype=float)
+        table = self.card.get("rotation_uncertainty")
+        if not table:
+            return np.full(t.shape, np.nan)
+        edges, q68 = np.asarray(table["edges_nm"]), np.asarray(table["q68_deg"])
+        band = np.clip(np.searchsorted(edges, np.nan_to_num(t, nan=0.0), side="right") - 1, 0, len(q68) - 1)
+        return q68[band]
 
     def predict(self, patterns, batch_size: int = 256, **kw):
         """Like :meth:`predict_batch` (in batches) but returns an ``xarray.Dataset`` with units (dim ``pattern``)."""

@@ -457,6 +457,9 @@ class PacbedExplorer(Viewer):
             f"| tilt magnitude | {r['tilt_magnitude_mrad']:.2f} mrad at {r['tilt_azimuth_deg']:.0f}° |",
             f"| confidence (±1 nm) | {r['confidence']:.2f} |",
         ]
+        if "rotation_deg" in r:  # the crystal axes the tilt refers to; uncertain in thin regions
+            rs = r.get("rotation_std_deg", float("nan"))
+            lines.append(f"| pattern rotation | {r['rotation_deg']:+.1f}°" + ("" if rs != rs else f" ± {rs:.1f}°") + " |")
         st = r["settings"]
         if st["background"]:
             lines.append(f"| background removed | {r['background_fraction']:.3f} × mean |")
