@@ -49,6 +49,7 @@ from .errors import BadInputError, DiffkitError
 
 __all__ = [
     "Cancelled",
+    "OPTIONAL_PREDICTION_VARIABLES",
     "PREDICTION_VARIABLES",
     "STATUS_REASONS",
     "StoreMismatchError",
@@ -86,8 +87,15 @@ PREDICTION_VARIABLES = {
     "tilt_azimuth_deg": ("degree", "mistilt azimuth (from +x towards +y)"),
 }
 
+#: Float outputs stored when the predictor gives them (NaN otherwise).
+OPTIONAL_PREDICTION_VARIABLES = {
+    "rotation_std_deg": ("degree", "68 % half-width of the pattern rotation, i.e. of the crystal axes the tilt "
+                                   "and its azimuth refer to (large in thin regions)"),
+}
+
 _REQUIRED_KEYS = tuple(PREDICTION_VARIABLES) + ("ood",)
-_STORE_FORMAT = 1
+_FLOAT_VARIABLES = {**PREDICTION_VARIABLES, **OPTIONAL_PREDICTION_VARIABLES}
+_STORE_FORMAT = 2
 #: default windows per block and patterns per ``predict_batch`` call when the predictor runs on
 #: a CUDA GPU (benchmarks/map_throughput.py on an H100: 256^2 map 6.3 s -> 2.3 s, i.e. I/O-bound)
 GPU_BLOCK_WINDOWS = 1024
@@ -509,7 +517,7 @@ def _to_codes(reason, n, codes: dict | None) -> np.ndarray:
 
 def _predict(pred, patterns: np.ndarray, spec: _BlockSpec) -> dict:
     n = len(patterns)
-    out = {k: [] for k in _REQUIRED_KEYS}
+    out = {k: [] for k in (*_REQUIRED_KEYS, *OPTIONAL_PREDICTION_VARIABLES)}
     reasons = []
     opts = dict(spec.options)
     for s in range(0, n, spec.batch_size):
@@ -520,6 +528,11 @@ def _predict(pred, patterns: np.ndarray, spec: _BlockSpec) -> dict:
             if k not in res:
                 raise BadInputError(f"predictor.predict_batch did not return {k!r} (got keys {sorted(res)})")
             v = np.asarray(res[k])
+            if v.shape != (m,):
+                raise BadInputError(f"predictor.predict_batch returned {k!r} of shape {v.shape}, expected ({m},)")
+            out[k].append(v)
+        for k in OPTIONAL_PREDICTION_VARIABLES:
+            v = np.asarray(res[k], dtype=np.float64) if k in res else np.full(m, np.nan)
             if v.shape != (m,):
                 raise BadInputError(f"predictor.predict_batch returned {k!r} of shape {v.shape}, expected ({m},)")
             out[k].append(v)
@@ -537,13 +550,13 @@ def _block_results(region: np.ndarray, pred, spec: _BlockSpec, bi: int, bj: int)
     region = np.asarray(region)
     mean, count, status = _window_means(region, n, grid.window, grid.step, spec.saturation_value, spec.is_float)
     ok = count > 0
-    res = {k: np.full(n, np.nan, np.float32) for k in PREDICTION_VARIABLES}
+    res = {k: np.full(n, np.nan, np.float32) for k in _FLOAT_VARIABLES}
     ood = ~ok  # masked windows count as not measured
     reason = np.where(ok, 0, NOT_MEASURED).astype(np.uint8)
     pats = mean[ok] if ok.any() else None
     if pats is not None:
         p = _predict(pred, pats, spec)
-        for k in PREDICTION_VARIABLES:
+        for k in _FLOAT_VARIABLES:
             res[k][ok] = p[k].astype(np.float32)
         ood = ood.copy()
         ood[ok] = p["ood"].astype(bool)
@@ -714,7 +727,7 @@ def _coords(grid: WindowGrid, cal: Calibration):
 
 
 def _var_meta(variables, vspec, ood_reasons) -> dict:
-    meta = {k: {"units": u, "long_name": ln} for k, (u, ln) in PREDICTION_VARIABLES.items()}
+    meta = {k: {"units": u, "long_name": ln} for k, (u, ln) in _FLOAT_VARIABLES.items()}
     meta["ood"] = {"units": "", "long_name": "out of distribution (not a trustworthy measurement)"}
     reasons = {str(k): v for k, v in (ood_reasons or {}).items()}
     reasons.setdefault(str(OOD_UNKNOWN), "flagged by the predictor (reason not given as a known code)")
@@ -909,8 +922,8 @@ def map_pacbed(data, window=None, step=None, predictor=None, calibration=None, s
     xarray.Dataset
         Dims ``(y, x)`` (window centres; nm when ``scan_step_nm`` is known, else scan
         positions), variables ``thickness_nm, thickness_std_nm, tilt_x_mrad, tilt_y_mrad,
-        tilt_x_std_mrad, tilt_y_std_mrad, tilt_magnitude_mrad, tilt_azimuth_deg`` (float32,
-        NaN where masked), ``ood`` (bool), ``ood_reason``, ``status`` (uint8,
+        tilt_x_std_mrad, tilt_y_std_mrad, tilt_magnitude_mrad, tilt_azimuth_deg`` and
+        ``rotation_std_deg`` (NaN when the predictor does not give it) (float32, NaN where masked), ``ood`` (bool), ``ood_reason``, ``status`` (uint8,
         :data:`STATUS_REASONS`), ``n_frames`` and, with ``pixel_size_mrad`` and
         ``convergence_mrad`` known, ``virtual_bf`` / ``virtual_adf``. Units in each
         variable's attrs; provenance (model card, window, step, source, calibration,
@@ -973,7 +986,7 @@ def map_pacbed(data, window=None, step=None, predictor=None, calibration=None, s
     ood_reasons = dict(ood_reasons) if ood_reasons else None
 
     vspec, vnote = _virtual_spec(cal, det_shape, center_px)
-    variables = tuple(PREDICTION_VARIABLES) + ("ood", "ood_reason", "status", "n_frames")
+    variables = tuple(_FLOAT_VARIABLES) + ("ood", "ood_reason", "status", "n_frames")
     if vspec:
         variables += tuple(vspec["detectors"])
     coords, scan_units = _coords(grid, cal)

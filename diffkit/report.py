@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: tilt azimuths are hatched where the pattern rotation (the crystal axes) is uncertain by more (deg)
+AZIMUTH_ROTATION_LIMIT_DEG = 10.0
+
 
 def compare_to_truth(maps, truth, variables=("thickness_nm", "tilt_x_mrad", "tilt_y_mrad")) -> dict:
     """RMSE, bias and uncertainty coverage of mapped values against ground-truth maps.
@@ -73,6 +76,13 @@ def plot_pacbed_maps(maps, path=None, truth=None, title=None):
         if "ood" in maps:
             bad = np.ma.masked_where(~np.asarray(maps["ood"].values, bool), np.ones_like(data))
             ax.imshow(bad, cmap="Greys", alpha=0.5, extent=ext, vmin=0, vmax=1)
+        if v == "tilt_azimuth_deg" and "rotation_std_deg" in maps:
+            # where the crystal axes are not determined (thin regions) the azimuth means little: hatch
+            vague = np.asarray(maps["rotation_std_deg"].values, float) > AZIMUTH_ROTATION_LIMIT_DEG
+            if vague.any() and min(data.shape) >= 2:
+                gx, gy = (x, y) if ext is not None else (np.arange(data.shape[1]), np.arange(data.shape[0]))
+                ax.contourf(gx, gy, vague.astype(float), levels=[0.5, 1.5], colors="none", hatches=["////"])
+                label += f"\n(hatched: crystal axes uncertain by > {AZIMUTH_ROTATION_LIMIT_DEG:g}°)"
         ax.set_title(label)
         ax.set_xlabel(f"x ({unit})")
         ax.set_ylabel(f"y ({unit})")

@@ -35,6 +35,7 @@ _STYLES = {
     "tilt_y_std_mrad": ("tilt y uncertainty (1σ)", "mrad", "cividis", "robust0", 1.0, "mean"),
     "tilt_magnitude_mrad": ("tilt magnitude", "mrad", "inferno", "robust0", 1.0, "mean"),
     "tilt_azimuth_deg": ("tilt azimuth", "deg", CYCLIC_CMAP, (0.0, 360.0), 1.0, "first"),
+    "rotation_std_deg": ("crystal-axes uncertainty (rotation, 68 %)", "deg", "cividis", "robust0", 1.0, "max"),
     "confidence": ("confidence", "", "gray", (0.0, 1.0), 1.0, "mean"),
     "ood": ("out of distribution", "", "kr", (0.0, 1.0), 1.0, "max"),
     "status": ("status code", "", "kr", "robust0", 1.0, "max"),

@@ -455,6 +455,9 @@ def test_shipped_predictor_loaded_lazily():
     ds = map_pacbed(f, window=1, calibration=cal, progress=False)
     assert ds.attrs["model_card_id"].startswith("pacbed_SrTiO3_001_200kV")
     assert ds.thickness_nm.shape == (2, 2) and np.isfinite(ds.thickness_nm.values).all()
+    # the shipped predictor's rotation uncertainty is mapped (a predictor without one gives NaN)
+    assert ds.rotation_std_deg.attrs["units"] == "degree" and (ds.rotation_std_deg.values > 0).all()
+    assert np.isnan(_run(frames(scan=(4, 4))).rotation_std_deg.values).all()
     assert "empty or non-finite" in ds.ood_reason.attrs["reasons"]
 
 
@@ -500,3 +503,18 @@ def test_cli_map_store_from_another_model(monkeypatch, tmp_path, capsys):
     calls.clear()
     cli.cmd_map(argparse.Namespace(**ns, replace_stale=True))
     assert calls == [False, True] and "computing it again" in capsys.readouterr().out
+
+
+def test_png_hatches_azimuth_where_crystal_axes_are_uncertain(tmp_path):
+    from diffkit.report import AZIMUTH_ROTATION_LIMIT_DEG, plot_pacbed_maps
+
+    ds = _run(frames())
+    path = tmp_path / "m.png"
+    fig = plot_pacbed_maps(ds, path)  # no rotation uncertainty from this predictor: no hatching
+    assert path.stat().st_size > 0 and "hatched" not in fig.axes[3].get_title()
+    rs = np.full(ds.thickness_nm.shape, 0.2, np.float32)
+    rs[:, :2] = 3 * AZIMUTH_ROTATION_LIMIT_DEG  # a thin edge
+    fig = plot_pacbed_maps(ds.assign(rotation_std_deg=(("y", "x"), rs)), path)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("hatched" in t for t in titles if t.startswith("tilt azimuth"))
+    assert any("////" in (getattr(c, "hatches", None) or []) for ax in fig.axes for c in ax.collections)

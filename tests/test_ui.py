@@ -447,3 +447,16 @@ def test_strain_run_cancel_and_rereference():
     np.testing.assert_allclose(s.strain["exx"].values, direct["exx"].values, atol=1e-9)
     assert abs(np.nanmedian(s.strain["exx"].values[:, 6:])) < 1e-3
     _render(s)
+
+
+
+def test_maps_show_rotation_uncertainty_only_where_it_matters(scan, predictor):
+    from diffkit.report import AZIMUTH_ROTATION_LIMIT_DEG
+    from diffkit.ui.maps import MAP_VARIABLES
+
+    app = _maps_explorer(scan, predictor)
+    y, x = np.arange(2.0), np.arange(3.0)
+    base = {v: (("y", "x"), np.ones((2, 3))) for v in MAP_VARIABLES}
+    for rs, shown in ((0.2, False), (3 * AZIMUTH_ROTATION_LIMIT_DEG, True)):
+        app.maps = xr.Dataset({**base, "rotation_std_deg": (("y", "x"), np.full((2, 3), rs))}, coords={"y": y, "x": x})
+        assert ("rotation_std_deg" in app.map_variables()) is shown

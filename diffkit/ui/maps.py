@@ -21,6 +21,7 @@ import param
 from panel.viewable import Viewer
 
 from .. import viz
+from ..report import AZIMUTH_ROTATION_LIMIT_DEG
 from ._common import (CatalogSource, as_numpy, button, calibration_text, error_text, log_exception,
                       make_source, source_widgets)
 
@@ -264,7 +265,11 @@ class MapsExplorer(Viewer):
         ds = self.maps
         if ds is None:
             return []
-        return [v for v in MAP_VARIABLES if v in ds]
+        shown = [v for v in MAP_VARIABLES if v in ds]
+        # where the crystal axes (pattern rotation) are uncertain the azimuth means little: show where
+        if "rotation_std_deg" in ds and bool((ds["rotation_std_deg"] > AZIMUTH_ROTATION_LIMIT_DEG).any()):
+            shown.append("rotation_std_deg")
+        return shown
 
     def _truth_grid(self):
         ds = self.maps
