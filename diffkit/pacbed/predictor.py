@@ -4,7 +4,8 @@ Steps (seed 000, Fig. 2), all batched:
 
 1. rough disk centre and size from projection moments (or the calibrated disk size);
 2. :class:`~diffkit.pacbed.networks.AlignNet` refines centre, size and rotation,
-   iterated with re-sampling (``grid_sample``) until converged;
+   iterated with re-sampling (``grid_sample``) until converged; the last pass averages
+   its corrections over symmetric views of the pattern (``align_views``);
 3. optional uniform background subtraction, its level converged with the thickness
    estimate (``background_strength``, fraction of the mean intensity per nm);
 4. :class:`~diffkit.pacbed.networks.MeasureNet` gives distributions over thickness
@@ -175,8 +176,11 @@ class PacbedPredictor:
         if self.align_views > 1 and iterations > 0:
             can = to_canonical(x, centre, radius, rot, self.disk_radius_px, self.n_px)
             views = _VIEWS[:self.align_views]
-            corr = torch.stack([_view_back(self._corrections(_view(can, v)), v) for v in views]).mean(0)
-            centre, radius, rot = _corrected(centre, radius, rot, *corr, self.disk_radius_px)
+            corr = torch.stack([_view_back(self._corrections(_view(can, v)), v) for v in views])  # (V, 4, B)
+            dy, dx, dlog = corr[:, :3].mean(0)
+            a = torch.deg2rad(4 * corr[:, 3])  # rotations are defined modulo 90 deg: circular mean
+            drot = torch.rad2deg(torch.atan2(torch.sin(a).mean(0), torch.cos(a).mean(0))) / 4
+            centre, radius, rot = _corrected(centre, radius, rot, dy, dx, dlog, drot, self.disk_radius_px)
         # the disk size the network finds, kept to check it against the calibration
         self.last_free_radius = radius
         if calibrated is not None:
