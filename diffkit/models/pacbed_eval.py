@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..sim.detector import DetectorRanges, apply_detector, random_params, similarity_part
+from ..pacbed.geometry import wrap_rotation_deg
 from .pacbed_training import LibrarySampler
 
 TEST_RANGES = DetectorRanges(log10_dose=(6.0, 9.0), noiseless_fraction=0.0, background=(0.0, 0.3),
@@ -39,7 +40,7 @@ def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pix
         # the residual affine distortion has a scale and a rotation part of its own (up to ~1 % and
         # ~0.6 deg at affine=0.01): the truth is the overall best-fit similarity transform
         "disk_radius_px": R * p.scale * k / pixel_ratio,
-        "rotation_deg": ((-p.rotation_deg + phi + 45) % 90) - 45,
+        "rotation_deg": wrap_rotation_deg(-p.rotation_deg + phi),
         "pixel_size_mrad": float(lib.attrs["pixel_size_mrad"]) * pixel_ratio,
     }
 
@@ -71,7 +72,7 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
     dtilt = np.concatenate([dtx, dty])
     dc = np.hypot(pred["center_y_px"] - test["center_y_px"], pred["center_x_px"] - test["center_x_px"])
     ds = np.abs(pred["disk_radius_px"] / test["disk_radius_px"] - 1)
-    dr = np.abs(((pred["rotation_deg"] - test["rotation_deg"]) + 45) % 90 - 45)
+    dr = np.abs(wrap_rotation_deg(pred["rotation_deg"] - test["rotation_deg"]))
 
     def frac(a, tol):
         return float(np.mean(a <= tol))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pacbed.geometry import normalise, to_canonical
+from ..pacbed.geometry import normalise, to_canonical, wrap_rotation_deg
 from ..pacbed.networks import AlignNet, MeasureNet, distribution_stats, soft_targets
 from ..sim.detector import DetectorRanges, apply_detector, random_params, similarity_part
 
@@ -349,7 +349,7 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
         for s in range(0, n, 256):
             raw, _, _, rot_true, t, tx, ty = draw_raw(sampler, min(256, n - s), rng, cfg.measure_ranges, cfg, gen, device)
             c, r, rot, can = predictor.align(raw)
-            rot_err.append(((rot - rot_true + 45) % 90 - 45).abs().cpu())
+            rot_err.append(wrap_rotation_deg(rot - rot_true).abs().cpu())
             out = net(normalise(can))
             for k, v in zip(L, (t, tx, ty)):
                 L[k].append(out[k].cpu())

@@ -51,6 +51,16 @@ def rough_geometry(patterns) -> tuple[torch.Tensor, torch.Tensor]:
     return centre, radius
 
 
+def wrap_rotation_deg(angle_deg):
+    """A pattern rotation (or rotation difference) in degrees brought into [-45, 45): the [001]
+    patterns are four-fold, so rotations are defined modulo 90 deg (numpy arrays or tensors).
+
+    >>> float(wrap_rotation_deg(80.0))
+    -10.0
+    """
+    return (angle_deg + 45) % 90 - 45
+
+
 def to_canonical(patterns, centre, radius, rotation_deg, disk_radius_px: float, n_px: int) -> torch.Tensor:
     """Resample patterns (B, H, W) into the canonical frame (B, n_px, n_px).
 

@@ -24,7 +24,7 @@ import torch
 from ..calibration import Calibration
 from ..errors import BadInputError
 from ..models.registry import find_card
-from .geometry import as_batch, normalise, rough_geometry, to_canonical
+from .geometry import as_batch, normalise, rough_geometry, to_canonical, wrap_rotation_deg
 from .networks import AlignNet, MeasureNet, distribution_stats
 from .ood import implausible, pattern_descriptors, recorded_area, vacuum_like
 
@@ -112,7 +112,7 @@ def _corrected(centre, radius, rot, dy, dx, dlog, drot, disk_radius_px: float):
     th = torch.deg2rad(rot)
     centre = centre + torch.stack([s * (torch.sin(th) * dx + torch.cos(th) * dy),
                                    s * (torch.cos(th) * dx - torch.sin(th) * dy)], 1)
-    return centre, radius * torch.exp(dlog), (rot + drot + 45) % 90 - 45
+    return centre, radius * torch.exp(dlog), wrap_rotation_deg(rot + drot)
 
 
 class PacbedPredictor:

@@ -458,8 +458,9 @@ class PacbedExplorer(Viewer):
             f"| confidence (±1 nm) | {r['confidence']:.2f} |",
         ]
         if "rotation_deg" in r:  # the crystal axes the tilt refers to; uncertain in thin regions
-            rs = r.get("rotation_std_deg", float("nan"))
-            lines.append(f"| pattern rotation | {r['rotation_deg']:+.1f}°" + ("" if rs != rs else f" ± {rs:.1f}°") + " |")
+            rs = float(r.get("rotation_std_deg", np.nan))
+            spread = f" ± {rs:.1f}°" if np.isfinite(rs) else ""
+            lines.append(f"| pattern rotation | {r['rotation_deg']:+.1f}°{spread} |")
         st = r["settings"]
         if st["background"]:
             lines.append(f"| background removed | {r['background_fraction']:.3f} × mean |")
