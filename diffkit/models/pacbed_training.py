@@ -319,7 +319,43 @@ def mahalanobis(f, mu, icov):
     return ((z @ icov) * z).sum(-1).clamp_min(0).sqrt()
 
 
-def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, n: int = 2048, device="cpu"):
+def thin_rotation_ring(lib, material: str, zone: str, energy_kv: float, convergence_mrad: float,
+                       thin_nm: float = 5.0) -> dict | None:
+    """Annulus and sign of the four-fold harmonic that fixes the crystal axes of thin patterns.
+
+    The annulus runs from ``alpha + g/2`` to ``alpha + sqrt(2) g`` (mrad; ``g`` the first-order
+    spacing ``lambda / a``): outside the zero-order disk, out to the edge of the first diagonal
+    (110) disks, where axial (100) and diagonal disks cover different azimuths. Its sign is read
+    from the noiseless library below ``thin_nm`` (median over all tilts). None for a zone that is
+    not square (the rule is four-fold) or without a built-in crystal.
+    """
+    from ..pacbed.geometry import fourfold_harmonic
+    from ..sim.crystals import get_crystal
+    from ..sim.scattering import wavelength_angstrom
+
+    try:
+        cr = get_crystal(material, zone)
+    except KeyError:
+        return None
+    if abs(cr.a - cr.b) > 1e-6 * cr.a:
+        return None
+    g = wavelength_angstrom(energy_kv) / cr.a * 1e3
+    px = float(lib.attrs["pixel_size_mrad"])
+    n = lib.sizes["kx"]
+    lo, hi = convergence_mrad + g / 2, min(convergence_mrad + math.sqrt(2) * g, (n / 2 - 1) * px)
+    th = np.asarray(lib["thickness_nm"].values)
+    pats = torch.as_tensor(lib["pattern"].values[:, th < thin_nm], dtype=torch.float32)
+    z = fourfold_harmonic(pats.reshape(-1, n, n), lo / px, hi / px)
+    sign = 1.0 if float(torch.median(z.real)) >= 0 else -1.0
+    return {"ring_mrad": [float(lo), float(hi)], "sign": sign,
+            "sign_fraction": float(((z.real * sign) > 0).float().mean()),
+            "method": f"four-fold harmonic of the annulus alpha + g/2 .. alpha + sqrt(2) g (g = {g:.2f} mrad); "
+                      f"sign from the noiseless library below {thin_nm:g} nm; applied below the predicted "
+                      "thickness below_nm that maximises the fraction of rotations within 1 deg end to end"}
+
+
+def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, n: int = 2048, device="cpu",
+                          thin_rule: dict | None = None):
     """Calibrate a packaged predictor end to end: raw detector frames -> alignment -> networks.
 
     * Temperatures (thickness, tilt) are chosen so that the central 68 % and 95 % intervals
@@ -329,9 +365,13 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
     * The rotation error of the alignment gets its 68 % / 95 % quantiles per thickness band
       (:data:`ROTATION_BANDS_NM`): thin patterns carry little four-fold contrast, so their
       rotation (and the crystal axes the tilt refers to) is uncertain.
+    * With ``thin_rule`` (:func:`thin_rotation_ring`), its ``below_nm`` is chosen as the
+      predicted thickness below which the harmonic's axes replace the network's, maximising
+      the fraction of rotations within 1 deg; the rotation table is that of the combined rule.
+      (Temperatures and pattern statistics are measured on the network's axes.)
 
     Uses training thicknesses with a seed of its own (never the held-out test set).
-    Returns ``(temperatures, pattern_statistics, rotation_uncertainty)``.
+    Returns ``(temperatures, pattern_statistics, rotation_uncertainty, thin_rule)``.
     """
     from ..pacbed.ood import descriptor_ranges, pattern_descriptors, recorded_area
     from ..pacbed.predictor import _quantile
@@ -344,13 +384,17 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
     L = {"thickness": [], "tilt_x": [], "tilt_y": []}
     Y = {"thickness": [], "tilt_x": [], "tilt_y": []}
     desc = []
-    rot_err = []
+    rot_err, rot_err_thin, t_pred = [], [], []
     with torch.no_grad():
         for s in range(0, n, 256):
             raw, _, _, rot_true, t, tx, ty = draw_raw(sampler, min(256, n - s), rng, cfg.measure_ranges, cfg, gen, device)
             c, r, rot, can = predictor.align(raw)
             rot_err.append(wrap_rotation_deg(rot - rot_true).abs().cpu())
             out = net(normalise(can))
+            t_pred.append(distribution_stats(out["thickness"], net.thickness_bins)[1].cpu())
+            if thin_rule:
+                d = predictor.thin_rotation_correction(can, thin_rule)
+                rot_err_thin.append(wrap_rotation_deg(rot + d - rot_true).abs().cpu())
             for k, v in zip(L, (t, tx, ty)):
                 L[k].append(out[k].cpu())
                 Y[k].append(torch.as_tensor(v))
@@ -374,7 +418,16 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
         temps.append(best[1])
     t_true = torch.cat(Y["thickness"]).numpy()
     table = descriptor_ranges(torch.cat(desc).numpy(), t_true)
-    return temps, table, rotation_error_table(torch.cat(rot_err).numpy(), t_true)
+    err = torch.cat(rot_err).numpy()
+    if thin_rule:
+        tp, err_thin = torch.cat(t_pred).numpy(), torch.cat(rot_err_thin).numpy()
+        # (within 1 deg, threshold): the first maximum, so ties keep the network
+        score = [(float(np.mean(np.where(tp < e, err_thin, err) <= 1.0)), -e) for e in ROTATION_BANDS_NM[:-1]]
+        below = -max(score)[1]
+        thin_rule = dict(thin_rule, below_nm=float(below),
+                         within_1deg={"network": float(np.mean(err <= 1.0)), "with_rule": max(score)[0]})
+        err = np.where(tp < below, err_thin, err)
+    return temps, table, rotation_error_table(err, t_true), thin_rule
 
 
 #: thickness bands (nm) of the rotation-uncertainty table

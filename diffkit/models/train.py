@@ -21,6 +21,7 @@ from ..sim.crystals import get_crystal
 from ..sim.pacbed import LibrarySpec, build_pacbed_library
 from .pacbed_eval import evaluate, make_test_set
 from .pacbed_training import (LibrarySampler, TrainConfig, calibrate_on_pipeline, calibrate_temperature, feature_statistics,
+                              thin_rotation_ring,
                               train_align_net, train_measure_net)
 from .registry import WEIGHTS_DIR
 
@@ -136,7 +137,9 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
-    temps, table, rotation = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n, device=device)
+    thin = thin_rotation_ring(lib, card["material"], card["zone_axis"], card["beam_energy_kv"], card["convergence_mrad"])
+    temps, table, rotation, thin = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n, device=device,
+                                                         thin_rule=thin)
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
     sd["measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
@@ -146,6 +149,10 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
                                         "n": n}
     card["ood"]["pattern_statistics"] = table
     card["rotation_uncertainty"] = rotation
+    if thin:
+        card["thin_rotation"] = thin
+    else:
+        card.pop("thin_rotation", None)
     tb = sd["measure.thickness_bins"]
     card["resolution_floor"] = {
         "thickness_nm": float(tb[1] - tb[0]) / np.sqrt(12),

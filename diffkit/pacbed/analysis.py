@@ -153,7 +153,7 @@ def align_for_masking(predictor, patterns, pixel_size_mrad: float | None = None,
     x = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).clamp_min(0)
     cans, cy, cx, rr, rot = [], [], [], [], []
     for s in range(0, x.shape[0], batch_size):
-        c, r, ro, can = predictor.align(x[s:s + batch_size].to(predictor.device), pixel_size_mrad=pixel_size_mrad)
+        c, r, ro, can, _ = predictor.locate(x[s:s + batch_size], pixel_size_mrad=pixel_size_mrad)
         cans.append(can)
         cy.append(c[:, 0].cpu().numpy())
         cx.append(c[:, 1].cpu().numpy())

@@ -86,6 +86,30 @@ def to_canonical(patterns, centre, radius, rotation_deg, disk_radius_px: float, 
     return F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
 
 
+def fourfold_harmonic(canonical: torch.Tensor, inner_px: float, outer_px: float) -> torch.Tensor:
+    """Normalised 4th azimuthal harmonic ``sum I exp(-4i phi) / sum I`` (complex, (B,)) of an annulus
+    (inner, outer radius in canonical px) about the centre of canonical patterns (B, n, n).
+
+    Features along the image axes rotated by ``delta`` (deg) give ``|z| exp(-4i delta)`` times the
+    sign of the harmonic (+: brighter along the axes, -: brighter along the diagonals).
+
+    >>> n = 64; v = torch.arange(n) - (n - 1) / 2
+    >>> phi = torch.atan2(v[:, None], v[None, :])
+    >>> z = fourfold_harmonic((1 + 0.5 * torch.cos(4 * (phi - 0.1)))[None], 10, 20)
+    >>> round(float(-torch.angle(z)[0] / 4), 2)  # radians here
+    0.1
+    """
+    x = as_batch(canonical)
+    n = x.shape[-1]
+    v = torch.arange(n, dtype=torch.float32, device=x.device) - (n - 1) / 2
+    r = torch.sqrt(v[:, None] ** 2 + v[None, :] ** 2)
+    ring = (r >= inner_px) & (r < outer_px)
+    phi = torch.atan2(v[:, None], v[None, :])[ring]
+    w = x[:, ring].clamp_min(0)
+    tot = w.sum(-1).clamp_min(1e-12)
+    return torch.complex((w * torch.cos(4 * phi)).sum(-1) / tot, -(w * torch.sin(4 * phi)).sum(-1) / tot)
+
+
 def _field_mask(n: int, device) -> torch.Tensor:
     v = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
     return (v[:, None] ** 2 + v[None, :] ** 2) <= (n / 2) ** 2

@@ -430,7 +430,7 @@ def starting_geometry(lib: LsfLibrary, patterns: torch.Tensor, geometry=None, pr
             raise BadInputError("disk_radius_px must be positive")
         return np.stack(cols, 1)
     if predictor is not None:
-        centre, radius, rot, _ = predictor.align(patterns.to(predictor.device), pixel_size_mrad=pixel_size_mrad)
+        centre, radius, rot, _, _ = predictor.locate(patterns.to(predictor.device), pixel_size_mrad=pixel_size_mrad)
         return np.concatenate([centre.cpu().numpy(), radius.cpu().numpy()[:, None], rot.cpu().numpy()[:, None]], 1).astype(float)
     centre, radius = rough_geometry(patterns)
     r = radius.numpy().astype(float)

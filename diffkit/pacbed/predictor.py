@@ -24,7 +24,7 @@ import torch
 from ..calibration import Calibration
 from ..errors import BadInputError
 from ..models.registry import find_card
-from .geometry import as_batch, normalise, rough_geometry, to_canonical, wrap_rotation_deg
+from .geometry import as_batch, fourfold_harmonic, normalise, rough_geometry, to_canonical, wrap_rotation_deg
 from .networks import AlignNet, MeasureNet, distribution_stats
 from .ood import implausible, pattern_descriptors, recorded_area, vacuum_like
 
@@ -149,6 +149,10 @@ class PacbedPredictor:
         #: cancels part of the network's orientation-dependent error); 1 disables. Held out at
         #: 13.6 mrad: size within 1 % 97.5 -> 98.9 %, rotation within 1 deg 94.7 -> 95.1 %.
         self.align_views = 4
+        #: thin-pattern rule from the model card (``thin_rotation``): below ``below_nm`` (predicted)
+        #: the crystal axes come from the four-fold harmonic of an annulus whose sign is fixed in the
+        #: thin limit (see :meth:`thin_rotation_correction`); None disables
+        self.thin_rotation = card.get("thin_rotation")
 
     # ------------------------------------------------------------------ geometry
     @torch.no_grad()
@@ -194,6 +198,44 @@ class PacbedPredictor:
             p = self.align_net(normalise(canonical)).float()
         return p[:, 0], p[:, 1], p[:, 2].clamp(-0.3, 0.3), torch.rad2deg(torch.atan2(p[:, 3], p[:, 4]) / 4)
 
+    def thin_rotation_correction(self, canonical: torch.Tensor, rule: dict | None = None) -> torch.Tensor:
+        """Rotation correction (deg, (B,)) of canonical patterns from the four-fold harmonic of the
+        annulus ``rule["ring_mrad"]`` (from just outside the zero-order disk to the edge of the
+        first diagonal disks), whose sign ``rule["sign"]`` is fixed for thin crystals: there the
+        network sees too little contrast and may settle 45 deg off, while the harmonic cannot.
+        Add it to the rotation (``rotation + correction``) of the patterns thinner than
+        ``rule["below_nm"]``."""
+        rule = rule or self.thin_rotation
+        lo, hi = (float(v) / self.pixel_size_mrad for v in rule["ring_mrad"])
+        z = fourfold_harmonic(canonical, lo, hi) * float(rule["sign"])
+        return -torch.rad2deg(torch.angle(z)) / 4
+
+    @torch.no_grad()
+    def locate(self, patterns, pixel_size_mrad: float | None = None):
+        """Alignment (:meth:`align`) plus the crystal axes of thin patterns (:meth:`thin_rotation_correction`,
+        which needs a first thickness estimate): centre (B, 2) px, radius (B,) px, rotation (B,) deg,
+        the canonical patterns and the network outputs on them (unmasked, no background removed)."""
+        x = as_batch(patterns).to(self.device)
+        centre, radius, rot, can = self.align(x, pixel_size_mrad=pixel_size_mrad)
+        out = self._measure(can)
+        t = distribution_stats(out["thickness"], self.measure_net.thickness_bins)[1]
+        rot, can, thin = self._thin_axes(x, centre, radius, rot, can, t)
+        if thin.any():  # the whole batch again: results do not depend on which neighbours were thin
+            out = self._measure(can)
+        return centre, radius, rot, can, out
+
+    def _thin_axes(self, x, centre, radius, rot, can, thickness_nm):
+        """Apply the thin-pattern rotation rule: (rotation, canonical, changed mask)."""
+        thin = torch.zeros(len(can), dtype=torch.bool, device=can.device)
+        if not self.thin_rotation:
+            return rot, can, thin
+        thin = thickness_nm < float(self.thin_rotation["below_nm"])
+        if thin.any():
+            rot, can = rot.clone(), can.clone()
+            rot[thin] = wrap_rotation_deg(rot[thin] + self.thin_rotation_correction(can[thin]))
+            can[thin] = to_canonical(x[thin], centre[thin], radius[thin], rot[thin], self.disk_radius_px, self.n_px)
+        return rot, can, thin
+
     # ------------------------------------------------------------------ measurement
     @torch.no_grad()
     def _measure(self, canonical: torch.Tensor):
@@ -227,23 +269,19 @@ class PacbedPredictor:
         raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)).clamp_min(0)
         nonempty = raw.sum(dim=(1, 2)) > 0
         x = raw
-        centre, radius, rot, can = self.align(x, pixel_size_mrad=pixel_size_mrad)
+        centre, radius, rot, can, out = self.locate(x, pixel_size_mrad=pixel_size_mrad)
         bg = torch.zeros(B, device=self.device)
-        base = can
+        masked = (lambda c: c) if mask is None else (
+            lambda c: apply_band_mask(c, mask[0] / self.pixel_size_mrad, mask[1] / self.pixel_size_mrad))
         if mask is not None:
-            inner, width = mask
-            base = apply_band_mask(base, inner / self.pixel_size_mrad, width / self.pixel_size_mrad)
-        out = self._measure(base)
+            out = self._measure(masked(can))
         tb, ab = self.measure_net.thickness_bins, self.measure_net.tilt_bins
         if background_strength and background_strength > 0:
             mean_int = can.mean(dim=(1, 2))
             for _ in range(6):
                 _, t_est, _ = distribution_stats(out["thickness"], tb)
                 bg_new = background_strength * t_est
-                src = (can - (bg_new * mean_int)[:, None, None]).clamp_min(0)
-                if mask is not None:
-                    src = apply_band_mask(src, mask[0] / self.pixel_size_mrad, mask[1] / self.pixel_size_mrad)
-                out = self._measure(src)
+                out = self._measure(masked((can - (bg_new * mean_int)[:, None, None]).clamp_min(0)))
                 if torch.allclose(bg_new, bg, atol=1e-3):
                     bg = bg_new
                     break
@@ -340,7 +378,7 @@ class PacbedPredictor:
 
     def first_layer_activations(self, pattern) -> np.ndarray:
         """Activation maps (C, H/2, W/2) of the measurement network's first conv layer for one pattern."""
-        _, _, _, can = self.align(as_batch(pattern).to(self.device))
+        _, _, _, can, _ = self.locate(as_batch(pattern))
         with torch.no_grad():
             return self.measure_net.backbone.first_layer_activations(normalise(can))[0].cpu().numpy()
 
@@ -426,7 +464,7 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     import hashlib
 
     raw = pathlib.Path(card["weights_path"]).read_bytes()
-    extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood")}, sort_keys=True)
+    extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood", "thin_rotation")}, sort_keys=True)
     # weights + calibration fingerprint: a map store written by another calibration is not resumed
     card = dict(card, fingerprint=hashlib.sha256(raw + extra.encode()).hexdigest()[:10])
     sd = load_file(card["weights_path"])
