@@ -155,6 +155,10 @@ class GeometrySearch:
     max_iter_others : int
         Gauss-Newton iterations for the other leaders and the leader's grid neighbours, which
         start from the leader's refined geometry.
+    screen_margin : float or None
+        Of those, a candidate at the leader's geometry is refined only when one linearised
+        Gauss-Newton step (closed form, no resampling) could bring its chi2 within this
+        relative margin of the leader's; None refines them all.
     """
 
     shift_px: float = 0.5
@@ -164,6 +168,7 @@ class GeometrySearch:
     max_iter: int = 8
     tol: float = 0.05
     max_iter_others: int = 2
+    screen_margin: float | None = 0.01
 
     @classmethod
     def fixed(cls) -> "GeometrySearch":
@@ -587,6 +592,69 @@ def _apply_offsets_batch(base: np.ndarray, off: np.ndarray, disk_radius_px: floa
     return out
 
 
+def _jacobian(img: torch.Tensor, axes) -> torch.Tensor:
+    """(m, len(axes), P) derivatives of resampled patterns (m, n, n) with respect to the geometry
+    offsets (dy px, dx px, d log scale, d rotation deg) in the library frame (central differences)."""
+    m, n = img.shape[0], img.shape[-1]
+    v = torch.arange(n, dtype=torch.float32, device=img.device) - (n - 1) / 2
+    vy, vx = (a.reshape(-1) for a in torch.meshgrid(v, v, indexing="ij"))
+    gy = torch.zeros_like(img)
+    gx = torch.zeros_like(img)
+    gy[:, 1:-1] = 0.5 * (img[:, 2:] - img[:, :-2])
+    gx[:, :, 1:-1] = 0.5 * (img[:, :, 2:] - img[:, :, :-2])
+    gy, gx = gy.reshape(m, -1), gx.reshape(m, -1)
+    return torch.stack([gy, gx, vx * gx + vy * gy, (vx * gy - vy * gx) * (math.pi / 180)], 1)[:, axes]
+
+
+def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, rows: np.ndarray, ops: np.ndarray, axes) -> np.ndarray:
+    """chi2 (K,) that one unconstrained Gauss-Newton step from each candidate's geometry (K, 4) would
+    reach, for candidates given as library row and symmetry op: ``min ||e + J d - f l - b||^2`` over
+    the geometry step d and the linear parameters, from a handful of dot products per candidate (one
+    resampling per distinct geometry). Exact to second order near the optimum; used to skip
+    candidates that cannot overtake the leader."""
+    lib = sc.lib
+    n, dev = lib.n_px, lib.device
+    a, K = len(axes), len(rows)
+    geo_u, inv = np.unique(np.asarray(geoms).reshape(-1, 4), axis=0, return_inverse=True)
+    inv = torch.as_tensor(inv.ravel(), device=dev)
+    imgs = sc.resample(geo_u, masked=False)  # (Gu, P)
+    Gu = len(geo_u)
+    mask = sc.mask
+    J = _jacobian(imgs.reshape(Gu, n, n), axes) * mask  # (Gu, a, P)
+    cols = [J, (imgs * mask)[:, None]] + ([mask.expand(Gu, 1, -1)] if sc.bg else [])
+    U = torch.cat(cols, 1)  # (Gu, m, P): geometry columns, the pattern, the background
+    m = U.shape[1]
+    Ud = U.double()
+    G = (Ud @ Ud.transpose(1, 2))[inv]  # (K, m, m)
+    # D[j, i] = <op_j(L_j), U_{g_j, i}> = <L_j, op_j^-1(U_{g_j, i})>: one product per symmetry op
+    D = torch.empty(K, m, dtype=torch.float64, device=dev)
+    Ui = U.reshape(Gu * m, n, n)
+    for k in np.unique(ops):
+        sel = np.nonzero(ops == k)[0]
+        st = torch.as_tensor(sel, device=dev)
+        prod = lib.matrix[torch.as_tensor(rows[sel], device=dev)] @ _inverse_op(Ui, SYMMETRY_OPS[int(k)]).reshape(Gu * m, -1).T
+        D[st] = prod.reshape(len(sel), Gu, m)[torch.arange(len(sel), device=dev), inv[st]].double()
+    r = torch.as_tensor(rows, device=dev)
+    # unknowns x = (d, f, b); residual e + J d - f l - b 1 = e - A x with A = [-J, l, 1]
+    Nm = torch.zeros(K, m, m, dtype=torch.float64, device=dev)
+    rhs = torch.zeros(K, m, dtype=torch.float64, device=dev)
+    Nm[:, :a, :a] = G[:, :a, :a]
+    Nm[:, :a, a] = Nm[:, a, :a] = -D[:, :a]
+    Nm[:, a, a] = lib.ring_l2[r, sc.R].double()
+    rhs[:, :a] = -G[:, :a, a]
+    rhs[:, a] = D[:, a]
+    if sc.bg:
+        Nm[:, :a, a + 1] = Nm[:, a + 1, :a] = -G[:, :a, a + 1]
+        Nm[:, a, a + 1] = Nm[:, a + 1, a] = lib.ring_l1[r, sc.R].double()
+        Nm[:, a + 1, a + 1] = float(sc.n_fit)
+        rhs[:, a + 1] = G[:, a, a + 1]
+    # Jacobi-scaled solve: the entries span ~10 orders of magnitude (<l,l> ~ 1e-4, n_fit ~ 1e4)
+    sd = torch.diagonal(Nm, dim1=1, dim2=2).clamp_min(1e-300).sqrt()
+    Ns = Nm / (sd[:, :, None] * sd[:, None, :]) + 1e-12 * torch.eye(m, dtype=Nm.dtype, device=dev)
+    x = torch.linalg.solve(Ns, rhs / sd) / sd
+    return (G[:, a, a] - (rhs * x).sum(-1)).clamp_min(0).cpu().numpy()
+
+
 def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_iter):
     """Per-candidate Gauss-Newton refinement of the geometry (variable projection).
 
@@ -604,9 +672,6 @@ def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_i
     r = torch.as_tensor(rows, device=dev)
     mask = sc.mask
     Ls = torch.stack([_forward_op(lib.matrix[int(u)].reshape(n, n), SYMMETRY_OPS[k]) for u, k in zip(rows, ops)]).reshape(M, -1) * mask
-    v = torch.arange(n, dtype=torch.float32, device=dev) - (n - 1) / 2
-    vy, vx = torch.meshgrid(v, v, indexing="ij")
-    vy, vx = vy.reshape(-1), vx.reshape(-1)
     trust = np.tile(np.asarray(trust0, float), (M, 1))
     active = np.ones(M, bool)
     n_eval = 0
@@ -643,12 +708,7 @@ def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_i
         m = len(idx)
         base = best_geom[top[idx]]
         img = imgs[it].reshape(m, n, n)
-        gy = torch.zeros_like(img)
-        gx = torch.zeros_like(img)
-        gy[:, 1:-1] = 0.5 * (img[:, 2:] - img[:, :-2])
-        gx[:, :, 1:-1] = 0.5 * (img[:, :, 2:] - img[:, :, :-2])
-        gy, gx = gy.reshape(m, -1), gx.reshape(m, -1)
-        J = torch.stack([gy, gx, vx * gx + vy * gy, (vx * gy - vy * gx) * (math.pi / 180)], 1)[:, axes] * mask
+        J = _jacobian(img, axes) * mask
         e = img.reshape(m, -1) * mask
         cols = [J, -Ls[it][:, None]] + ([-mask.expand(m, 1, -1)] if sc.bg else [])
         A = torch.cat(cols, 1).double()  # (m, k, P)
@@ -707,6 +767,7 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     # thickness and both tilts), which now start close to their own optimum, get ``max_iter_others``
     # steps. Whenever another candidate takes the lead it is refined fully and the round repeats,
     # so the reported best is always a fully refined candidate whose neighbours were all refined.
+    axes = [a for a in range(4) if steps[a] > 0]
     refined = np.zeros(K, bool)  # fully refined
     touched = np.zeros(K, bool)  # refined (fully or with max_iter_others steps)
     for _round in range(16):
@@ -729,6 +790,12 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
         nb = where[max(j - 1, 0):j + 2, max(gy - 1, 0):gy + 2, max(gx - 1, 0):gx + 2].ravel()
         top = np.unique(np.concatenate([np.argsort(best_chi, kind="stable")[:gs.n_refine], nb[nb >= 0]]))
         top = top[~touched[top]]
+        if len(top) and gs.screen_margin is not None and axes:
+            # candidates whose linearised refinement cannot come within screen_margin of the
+            # leader are not refined (their chi2 stands)
+            lin = _linearised_chi2(sc, best_geom[top], rows[top], ops[top], axes)
+            n_eval += len(top)
+            top = top[lin <= best_chi[b] * (1 + gs.screen_margin)]
         if len(top) == 0:
             break
         n_eval += _refine(sc, rows[top], ops[top], best_chi, best_geom, top, steps, steps * gs.tol,
