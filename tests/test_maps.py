@@ -433,11 +433,11 @@ def test_distributed_killed_worker_same_map(tmp_path):
         mem = _run(f, predictor=FakePredictor(unpickle_log=str(log2)), scheduler=cluster.scheduler_address)
         assert cluster.scheduler_address.startswith("tcp://")
         assert_same_map(mem, reference)
-    # without a failure the scattered predictor is deserialised once per worker process, not once per
-    # block (18); the restarted worker may still be joining while the map runs (seen on a loaded machine:
-    # 3 processes, each once)
+    # without a failure the scattered predictor is deserialised about once per worker process, never
+    # once per block (18). On a loaded machine the cluster may still be settling after the restart
+    # (seen: a third process joining; one process deserialising twice), so allow two per process
     lines = log2.read_text().split()
-    assert 1 <= len(lines) <= 3 and len(lines) == len(set(lines))
+    assert 1 <= len(lines) <= 2 * len(set(lines)) <= 6
     # recovering from the killed worker may move the scattered copy again, but never per block
     lines = log.read_text().split()
     assert len(lines) <= 2 * len(set(lines)) < 18

@@ -138,15 +138,15 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
     thin = thin_rotation_ring(lib, card["material"], card["zone_axis"], card["beam_energy_kv"], card["convergence_mrad"])
-    temps, table, rotation, thin = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n, device=device,
-                                                         thin_rule=thin)
+    (temps, bands), table, rotation, thin = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n,
+                                                                  device=device, thin_rule=thin)
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
     sd["measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
     save_file(sd, str(weights))
     card["calibration_temperatures"] = {"thickness": temps[0], "tilt": temps[1],
                                         "method": "68 % / 95 % interval coverage, raw frames through the full pipeline",
-                                        "n": n}
+                                        "n": n, "bands": bands}
     card["ood"]["pattern_statistics"] = table
     card["rotation_uncertainty"] = rotation
     if thin:

@@ -153,6 +153,12 @@ class PacbedPredictor:
         #: the crystal axes come from the four-fold harmonic of an annulus whose sign is fixed in the
         #: thin limit (see :meth:`thin_rotation_correction`); None disables
         self.thin_rotation = card.get("thin_rotation")
+        cal = card.get("calibration_temperatures", {})
+        self.band_temperatures = None
+        if cal.get("bands"):
+            b = cal["bands"]
+            tt = lambda v: torch.as_tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
+            self.band_temperatures = (tt(b["edges_nm"]), cal["thickness"] / tt(b["thickness"]), cal["tilt"] / tt(b["tilt"]))
 
     # ------------------------------------------------------------------ geometry
     @torch.no_grad()
@@ -239,9 +245,20 @@ class PacbedPredictor:
     # ------------------------------------------------------------------ measurement
     @torch.no_grad()
     def _measure(self, canonical: torch.Tensor):
+        """MeasureNet outputs (logits at the calibrated temperatures, features) of canonical patterns."""
         with torch.autocast(self.device.type, enabled=self.use_amp):
             out = self.measure_net(normalise(canonical), return_features=True)
-        return {k: v.float() for k, v in out.items()}
+        out = {k: v.float() for k, v in out.items()}
+        if self.band_temperatures is not None:
+            # temperatures per predicted-thickness band (model card): logits at the global
+            # temperature T rescaled by T / T_band
+            edges, f_t, f_a = self.band_temperatures
+            t = distribution_stats(out["thickness"], self.measure_net.thickness_bins)[1]
+            band = (torch.searchsorted(edges, t.contiguous(), right=True) - 1).clamp(0, len(f_t) - 1)
+            out["thickness"] = out["thickness"] * f_t[band][:, None]
+            out["tilt_x"] = out["tilt_x"] * f_a[band][:, None]
+            out["tilt_y"] = out["tilt_y"] * f_a[band][:, None]
+        return out
 
     @torch.no_grad()
     def predict_batch(self, patterns, background_strength: float = 0.0, mask: tuple | None = None,
