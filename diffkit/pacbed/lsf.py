@@ -156,9 +156,9 @@ class GeometrySearch:
         Gauss-Newton iterations for the other leaders and the leader's grid neighbours, which
         start from the leader's refined geometry.
     screen_margin : float or None
-        Of those, a candidate at the leader's geometry is refined only when one linearised
-        Gauss-Newton step (closed form, no resampling) could bring its chi2 within this
-        relative margin of the leader's; None refines them all.
+        Of those, a candidate is refined only when one linearised Gauss-Newton step from its
+        current geometry (closed form, one resampling per distinct geometry) could bring its
+        chi2 within this relative margin (>= 0) of the leader's; None refines them all.
     """
 
     shift_px: float = 0.5
@@ -883,6 +883,8 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
     gs = geometry_search or GeometrySearch()
     if min(gs.max_iter, gs.max_iter_others) < 0 or gs.n_refine < 1 or min(gs.shift_px, gs.scale, gs.rotation_deg) < 0:
         raise BadInputError("geometry_search needs non-negative steps, n_refine >= 1 and max_iter(_others) >= 0")
+    if gs.screen_margin is not None and not gs.screen_margin >= 0:
+        raise BadInputError("geometry_search.screen_margin must be None or >= 0 (a relative chi2 margin)")
     if delta_chi2 <= 0:
         raise BadInputError("delta_chi2 must be positive")
     fit_r = lib.n_px / 2 if fit_radius_mrad is None else float(fit_radius_mrad) / lib.pixel_size_mrad
