@@ -481,8 +481,10 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     import hashlib
 
     raw = pathlib.Path(card["weights_path"]).read_bytes()
-    extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood", "thin_rotation")}, sort_keys=True)
     # weights + calibration fingerprint: a map store written by another calibration is not resumed
+    # (rotation_uncertainty: maps store the rotation_std_deg it gives)
+    extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood", "thin_rotation",
+                                                 "rotation_uncertainty")}, sort_keys=True)
     card = dict(card, fingerprint=hashlib.sha256(raw + extra.encode()).hexdigest()[:10])
     sd = load_file(card["weights_path"])
     g = card["geometry"]
