@@ -40,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2,
                     help="time every fit this many times and keep the fastest (robust to other load on a shared machine)")
     ap.add_argument("--n-refine", type=int, default=None, help="candidates refined by Gauss-Newton (default: GeometrySearch's)")
+    ap.add_argument("--no-screen", action="store_true",
+                    help="refine every other leader and grid neighbour (GeometrySearch.screen_margin=None)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -61,7 +63,8 @@ def main(argv=None):
     test = make_test_set(lib, n=args.n, seed=args.seed)
     x = test["patterns"]
     fb = not args.no_background
-    gs = GeometrySearch() if args.n_refine is None else GeometrySearch(n_refine=args.n_refine)
+    gs = GeometrySearch(**({} if args.n_refine is None else {"n_refine": args.n_refine}),
+                        **({"screen_margin": None} if args.no_screen else {}))
     kw = dict(fit_background=fb, geometry_search=gs, return_landscape=False)
 
     def timed(fn, *a, **k):

@@ -72,6 +72,10 @@ def main(argv=None):
         m = (t >= lo) & (t < hi)
         print(f"{lo:>3d}-{hi:<2d}nm {m.sum():4d} {f(err_net, m):>12s} {np.mean(err_harm[m] <= 1):16.2f} "
               f"{f(err_comb, m):>20s} {f(err_ship, m):>12s} {np.median(shipped['rotation_std_deg'][m]):33.1f}°")
+    dose = test["dose"][thin]
+    print("network alone, fraction > 22.5 deg off by dose (e- per pattern): " + ", ".join(
+        f"{lo:.0e}-{hi:.0e}: {np.mean(err_net[(dose >= lo) & (dose < hi)] > 22.5):.2f}"
+        for lo, hi in ((1e6, 1e7), (1e7, 1e8), (1e8, 1e10))))
 
 if __name__ == "__main__":
     main()

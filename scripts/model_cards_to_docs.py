@@ -115,8 +115,8 @@ def main():
              "95 % intervals are right; they are fitted per predicted-thickness band (0-5, 5-10, 10-20, > 20 nm; "
              "model card `calibration_temperatures.bands`), because one global temperature left the networks "
              "confidently wrong about the tilt of the thinnest patterns (held out at 13.6 mrad, 0-5 nm: 29 % of "
-             "tilt errors within 2 σ; per band: 92 %, with the median tilt σ there 0.11 → 0.75 mrad; 5-10 nm: "
-             "77 → 95 %). Coverage and σ are measured on simulated data; on experimental data, "
+             "tilt errors within 2 σ; per band: 92 %, with the median tilt σ there 0.10 → 0.75 mrad; 5-10 nm: "
+             "76 → 95 %; `python benchmarks/thin_uncertainty.py`). Coverage and σ are measured on simulated data; on experimental data, "
              "model mismatch (e.g. thickness varying inside a PACBED window) adds error the σ does not contain.\n",
              "**Reading the geometry rows.** The true disk size and rotation of a test pattern are those of the "
              "best-fit similarity transform of its whole simulated distortion, the residual affine part (±1 % per "
