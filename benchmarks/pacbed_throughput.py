@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--synthetic", action="store_true", help="time synthetic disks, not the held-out frames")
     ap.add_argument("--align-views", type=int, default=None, choices=range(1, 9), metavar="1-8",
                     help="views averaged in the last alignment pass (default: the predictor's, 4; 1 = off)")
+    ap.add_argument("--no-thin-rule", action="store_true",
+                    help="disable the model card's thin-pattern axes rule (one measurement pass less per batch with thin patterns)")
     ap.add_argument("--large-batch", type=int, default=None,
                     help="also time this batch size (default: 4096 on CUDA, none on CPU)")
     args = ap.parse_args()
@@ -62,6 +64,8 @@ def main():
     pred = load_predictor(material="SrTiO3", zone="001", energy_kv=200, convergence_mrad=args.convergence)
     if args.align_views:
         pred.align_views = args.align_views
+    if args.no_thin_rule:
+        pred.thin_rotation = None
     rng = np.random.default_rng(0)
     n = args.detector_px
     fixture = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout_sto_13.6mrad.npz"
@@ -84,7 +88,8 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"device: {default_device()} (GPU: {gpu}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
           f"CPU: {platform.processor() or platform.machine()}")
-    print(f"alignment: up to {pred.align_iterations} passes, last pass averaged over {pred.align_views} view(s)")
+    print(f"alignment: up to {pred.align_iterations} passes, last pass averaged over {pred.align_views} view(s); "
+          f"thin-pattern axes rule {'on' if pred.thin_rotation else 'off'}")
     r1 = timeit(lambda: pred.predict_batch(one), 1, args.seconds)
     r256 = timeit(lambda: pred.predict_batch(batch256), 256, args.seconds)
     large = args.large_batch or (4096 if default_device().type == "cuda" else None)
