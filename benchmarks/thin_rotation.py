@@ -1,7 +1,8 @@
-"""Rotation of thin PACBED patterns: the alignment network alone, classical four-fold harmonics,
-and the shipped pipeline (network + the model card's thin-pattern rule).
+"""Thin PACBED patterns: their rotation (the alignment network alone, classical four-fold harmonics,
+and the shipped pipeline = network + the model card's thin-pattern rule) and their uncertainty
+(the card's per-thickness-band temperatures vs one global temperature).
 
-Reproduces the thin-specimen rotation figures in docs/models.md. Held-out simulated raw frames
+Reproduces the thin-specimen rotation and coverage figures in docs/models.md and README.md. Held-out simulated raw frames
 (``diffkit.models.pacbed_eval.make_test_set``, the model cards' test set) thinner than 10 nm.
 Columns (fraction within 1 deg, and in brackets 45 deg off = error > 22.5 deg):
 
@@ -11,6 +12,10 @@ Columns (fraction within 1 deg, and in brackets 45 deg off = error > 22.5 deg):
 * the same, 45-deg branch from the network;
 * shipped: the card's rule (annulus alpha + g/2 .. alpha + sqrt(2) g, sign fixed in the thin limit)
   below its ``below_nm`` predicted thickness, the network above.
+
+Then, over the whole test set per true-thickness band: the fraction of tilt (both axes) and thickness
+errors within 1 and 2 predicted standard deviations and the median tilt sigma, with the card's
+per-band temperatures (``calibration_temperatures.bands``, shipped) and with them disabled.
 
     python benchmarks/thin_rotation.py --convergence 13.6
 """
@@ -76,6 +81,23 @@ def main(argv=None):
     print("network alone, fraction > 22.5 deg off by dose (e- per pattern): " + ", ".join(
         f"{lo:.0e}-{hi:.0e}: {np.mean(err_net[(dose >= lo) & (dose < hi)] > 22.5):.2f}"
         for lo, hi in ((1e6, 1e7), (1e7, 1e8), (1e8, 1e10))))
+
+    shipped_bands = pred.band_temperatures
+    tt = test["thickness_nm"]
+    print(f"all {args.n} patterns; fraction of errors within 1 / 2 predicted sigma")
+    for name, bands in (("per-band temperatures (shipped)", shipped_bands), ("one global temperature", None)):
+        pred.band_temperatures = bands
+        r = pred.predict_batch(test["patterns"])
+        print(name)
+        for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 1000)):
+            m = (tt >= lo) & (tt < hi)
+            z = np.concatenate([np.abs(r[f"tilt_{a}_mrad"][m] - test[f"tilt_{a}_mrad"][m]) / r[f"tilt_{a}_std_mrad"][m]
+                                for a in "xy"])
+            zt = np.abs(r["thickness_nm"][m] - tt[m]) / r["thickness_std_nm"][m]
+            s = np.concatenate([r["tilt_x_std_mrad"][m], r["tilt_y_std_mrad"][m]])
+            print(f"  {lo:>3d}-{hi:<4d} nm n={m.sum():4d}: tilt {np.mean(z <= 1):.2f} / {np.mean(z <= 2):.2f} "
+                  f"(median sigma {np.median(s):.3f} mrad); thickness {np.mean(zt <= 1):.2f} / {np.mean(zt <= 2):.2f}")
+    pred.band_temperatures = shipped_bands
 
 if __name__ == "__main__":
     main()

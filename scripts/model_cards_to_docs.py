@@ -116,7 +116,7 @@ def main():
              "model card `calibration_temperatures.bands`), because one global temperature left the networks "
              "confidently wrong about the tilt of the thinnest patterns (held out at 13.6 mrad, 0-5 nm: 29 % of "
              "tilt errors within 2 σ; per band: 92 %, with the median tilt σ there 0.10 → 0.75 mrad; 5-10 nm: "
-             "76 → 95 %; `python benchmarks/thin_uncertainty.py`). Coverage and σ are measured on simulated data; on experimental data, "
+             "76 → 95 %; `python benchmarks/thin_rotation.py`). Coverage and σ are measured on simulated data; on experimental data, "
              "model mismatch (e.g. thickness varying inside a PACBED window) adds error the σ does not contain.\n",
              "**Reading the geometry rows.** The true disk size and rotation of a test pattern are those of the "
              "best-fit similarity transform of its whole simulated distortion, the residual affine part (±1 % per "
