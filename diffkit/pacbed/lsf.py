@@ -498,15 +498,14 @@ class _Scorer:
         th = np.deg2rad(g[:, 3])
         cos, sin = np.cos(th), np.sin(th)
         h = (n - 1) / 2
-        # library pixel v (centred) -> raw position centre + s R v, in grid_sample's normalised units
-        dev = self.lib.device
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)[:, None, None]  # noqa: E731
-        v = torch.arange(n, dtype=torch.float32, device=dev) - h
-        vx, vy = v[None, None, :], v[None, :, None]
+        # library pixel v (centred) -> raw position centre + s R v, in grid_sample's normalised units;
+        # affine_grid's output coordinates (align_corners) are v / h
         kx, ky = 2 / (W - 1), 2 / (H - 1)
-        grid = torch.empty(G, n, n, 2, device=dev)
-        grid[..., 0] = t(s * cos * kx) * vx + t(-s * sin * kx) * vy + t(g[:, 1] * kx - 1)
-        grid[..., 1] = t(s * sin * ky) * vx + t(s * cos * ky) * vy + t(g[:, 0] * ky - 1)
+        theta = np.empty((G, 2, 3))
+        theta[:, 0] = np.stack([s * cos * kx * h, -s * sin * kx * h, g[:, 1] * kx - 1], 1)
+        theta[:, 1] = np.stack([s * sin * ky * h, s * cos * ky * h, g[:, 0] * ky - 1], 1)
+        grid = torch.nn.functional.affine_grid(torch.as_tensor(theta, dtype=torch.float32, device=self.lib.device),
+                                               [G, 1, n, n], align_corners=True)
         out = torch.nn.functional.grid_sample(self.raw[None, None], grid.reshape(1, G * n, n, 2), mode="bilinear",
                                               padding_mode="zeros", align_corners=True).reshape(G, n, n)
         # matched low-pass in the library frame, exactly as applied to the library
@@ -531,31 +530,61 @@ def _sums(e: torch.Tensor):
     return (e * e).sum(-1).double(), e.sum(-1).double()
 
 
-class _CandidateBlocks:
-    """The candidates' library rows gathered once per pattern, grouped by symmetry op (contiguous
-    blocks), so that each scoring pass is one matrix product per op without copying rows again."""
-
-    def __init__(self, lib: LsfLibrary, rows: np.ndarray, ops: np.ndarray):
-        order = np.argsort(ops, kind="stable")
-        self.rows = torch.as_tensor(rows[order], device=lib.device)
-        self.matrix = lib.matrix[self.rows]
-        bounds = np.searchsorted(ops[order], np.arange(len(SYMMETRY_OPS) + 1))
-        self.blocks = [(k, int(bounds[k]), int(bounds[k + 1]), order[bounds[k]:bounds[k + 1]])
-                       for k in range(len(SYMMETRY_OPS)) if bounds[k + 1] > bounds[k]]
+def _signed_patterns(L: torch.Tensor, ops: np.ndarray, n: int) -> torch.Tensor:
+    """(K, P) signed patterns op_j(L_j) of library patterns L (K, P) under symmetry ops (K,)."""
+    out = torch.empty_like(L)
+    for k in np.unique(ops):
+        sel = torch.as_tensor(np.nonzero(ops == k)[0], device=L.device)
+        out[sel] = _forward_op(L[sel].reshape(-1, n, n), SYMMETRY_OPS[int(k)]).reshape(len(sel), -1)
+    return out
 
 
-def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.ndarray,
-                      blocks: _CandidateBlocks | None):
-    """Best chi2 (K,) over trial geometries e (G, P) and its geometry index (K,), for candidates
-    given as library row and symmetry op. ``blocks``: the same candidates pre-gathered (a few),
-    or None to score the whole library densely and pick the candidates (most of the library)."""
+class _Candidates:
+    """One pattern's candidates: library rows and symmetry ops (the pattern of candidate j is
+    op_j(L_j)).
+
+    When the candidates are a small part of the library (the hybrid's window) their rows are
+    gathered once, grouped by op, so that a scoring pass is one matrix product per op with the
+    inverse op applied to the (few) experimental patterns; otherwise (the full search) the whole
+    library is scored densely. The signed patterns of the few candidates that get refined are
+    made on demand (:meth:`patterns`)."""
+
+    def __init__(self, lib: LsfLibrary, rows: np.ndarray, ops: np.ndarray, gather: bool):
+        self.lib, self.rows, self.ops = lib, rows, ops
+        self.matrix = None
+        if gather:
+            order = np.argsort(ops, kind="stable")
+            self.position = np.empty(len(rows), dtype=int)  # candidate -> row of self.matrix
+            self.position[order] = np.arange(len(rows))
+            self.rows_sorted = torch.as_tensor(rows[order], device=lib.device)
+            self.matrix = torch.index_select(lib.matrix, 0, self.rows_sorted)
+            bounds = np.searchsorted(ops[order], np.arange(len(SYMMETRY_OPS) + 1))
+            self.blocks = [(k, int(bounds[k]), int(bounds[k + 1])) for k in range(len(SYMMETRY_OPS))
+                           if bounds[k + 1] > bounds[k]]
+
+    def patterns(self, idx) -> torch.Tensor:
+        """(k, P) signed patterns op_j(L_j) of candidates ``idx``."""
+        idx = np.asarray(idx)
+        dev = self.lib.device
+        if self.matrix is not None:
+            L = self.matrix[torch.as_tensor(self.position[idx], device=dev)]
+        else:
+            L = self.lib.matrix[torch.as_tensor(self.rows[idx], device=dev)]
+        return _signed_patterns(L, self.ops[idx], self.lib.n_px)
+
+
+def _score_candidates(sc: _Scorer, e: torch.Tensor, cands: _Candidates):
+    """Best chi2 (K,) over trial geometries e (G, P) and its geometry index (K,). Candidates with
+    gathered rows are scored by one matrix product per symmetry op; otherwise the whole library is scored
+    densely (every row against every op and geometry) and the candidates picked."""
     lib = sc.lib
     n = lib.n_px
-    K, G = len(rows), e.shape[0]
+    G = e.shape[0]
     dev = lib.device
     see, se = _sums(e)
-    img = e.reshape(G, n, n)
-    if blocks is None:
+    if cands.matrix is None:
+        rows, ops = cands.rows, cands.ops
+        img = e.reshape(G, n, n)
         # every library row against every op and geometry, in chunks; then pick the candidates
         N = lib.matrix.shape[0]
         Ef = torch.stack([_inverse_op(img, op) for op in SYMMETRY_OPS]).reshape(8 * G, n * n).T.contiguous()
@@ -568,15 +597,14 @@ def _score_candidates(sc: _Scorer, e: torch.Tensor, rows: np.ndarray, ops: np.nd
             t_min[s:s + len(r)], t_arg[s:s + len(r)] = c.min(dim=2)
         ri, oi = torch.as_tensor(rows, device=dev), torch.as_tensor(ops, device=dev)
         return t_min[ri, oi].cpu().numpy(), t_arg[ri, oi].cpu().numpy()
-    best = np.empty(K)
-    arg = np.empty(K, dtype=int)
-    for k, a, b, sel in blocks.blocks:
+    img = e.reshape(G, n, n)
+    best = torch.empty(len(cands.rows), dtype=torch.float64, device=dev)
+    arg = torch.empty(len(cands.rows), dtype=torch.long, device=dev)
+    for k, a, b in cands.blocks:
         Ek = _inverse_op(img, SYMMETRY_OPS[k]).reshape(G, n * n)
-        c = sc.chi2(blocks.matrix[a:b] @ Ek.T, blocks.rows[a:b], see[None], se[None])
-        m, am = c.min(dim=1)
-        best[sel] = m.cpu().numpy()
-        arg[sel] = am.cpu().numpy()
-    return best, arg
+        best[a:b], arg[a:b] = sc.chi2(cands.matrix[a:b] @ Ek.T, cands.rows_sorted[a:b], see[None], se[None]).min(dim=1)
+    p = cands.position
+    return best.cpu().numpy()[p], arg.cpu().numpy()[p]
 
 
 def _apply_offsets_batch(base: np.ndarray, off: np.ndarray, disk_radius_px: float) -> np.ndarray:
@@ -606,9 +634,9 @@ def _jacobian(img: torch.Tensor, axes) -> torch.Tensor:
     return torch.stack([gy, gx, vx * gx + vy * gy, (vx * gy - vy * gx) * (math.pi / 180)], 1)[:, axes]
 
 
-def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, rows: np.ndarray, ops: np.ndarray, axes) -> np.ndarray:
+def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, S: torch.Tensor, rows: np.ndarray, axes) -> np.ndarray:
     """chi2 (K,) that one unconstrained Gauss-Newton step from each candidate's geometry (K, 4) would
-    reach, for candidates given as library row and symmetry op: ``min ||e + J d - f l - b||^2`` over
+    reach, for candidates with signed patterns S (K, P) and library rows (K,): ``min ||e + J d - f l - b||^2`` over
     the geometry step d and the linear parameters, from a handful of dot products per candidate (one
     resampling per distinct geometry). Exact to second order near the optimum; used to skip
     candidates that cannot overtake the leader."""
@@ -626,14 +654,12 @@ def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, rows: np.ndarray, ops: np.n
     m = U.shape[1]
     Ud = U.double()
     G = (Ud @ Ud.transpose(1, 2))[inv]  # (K, m, m)
-    # D[j, i] = <op_j(L_j), U_{g_j, i}> = <L_j, op_j^-1(U_{g_j, i})>: one product per symmetry op
+    # D[j, i] = <op_j(L_j), U_{g_j, i}>: one product per distinct geometry
     D = torch.empty(K, m, dtype=torch.float64, device=dev)
-    Ui = U.reshape(Gu * m, n, n)
-    for k in np.unique(ops):
-        sel = np.nonzero(ops == k)[0]
-        st = torch.as_tensor(sel, device=dev)
-        prod = lib.matrix[torch.as_tensor(rows[sel], device=dev)] @ _inverse_op(Ui, SYMMETRY_OPS[int(k)]).reshape(Gu * m, -1).T
-        D[st] = prod.reshape(len(sel), Gu, m)[torch.arange(len(sel), device=dev), inv[st]].double()
+    inv_np = inv.cpu().numpy()
+    for u in range(Gu):
+        st = torch.as_tensor(np.nonzero(inv_np == u)[0], device=dev)
+        D[st] = (S[st] @ U[u].T).double()
     r = torch.as_tensor(rows, device=dev)
     # unknowns x = (d, f, b); residual e + J d - f l - b 1 = e - A x with A = [-J, l, 1]
     Nm = torch.zeros(K, m, m, dtype=torch.float64, device=dev)
@@ -655,14 +681,15 @@ def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, rows: np.ndarray, ops: np.n
     return (G[:, a, a] - (rhs * x).sum(-1)).clamp_min(0).cpu().numpy()
 
 
-def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_iter):
+def _refine(sc: _Scorer, S: torch.Tensor, rows, best_chi, best_geom, top, trust0, tol, max_iter):
     """Per-candidate Gauss-Newton refinement of the geometry (variable projection).
 
     At the current geometry the resampled pattern ``e`` and its derivatives with respect to
     shift (the image gradient), log scale (``v . grad e``) and rotation (``v x grad e``) give a
     linear model ``e + J d``; ``d``, ``f`` (and ``b``) then follow from one small least-squares
     problem per candidate. A step is accepted when the exact chi2 decreases; otherwise the
-    trust region halves. Only candidates in ``top`` are refined; updates in place.
+    trust region shrinks. Only candidates in ``top`` (signed patterns S, library rows ``rows``)
+    are refined; updates ``best_chi`` and ``best_geom`` in place.
     """
     lib = sc.lib
     n = lib.n_px
@@ -671,7 +698,7 @@ def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_i
     dev = lib.device
     r = torch.as_tensor(rows, device=dev)
     mask = sc.mask
-    Ls = torch.stack([_forward_op(lib.matrix[int(u)].reshape(n, n), SYMMETRY_OPS[k]) for u, k in zip(rows, ops)]).reshape(M, -1) * mask
+    Ls = S * mask
     trust = np.tile(np.asarray(trust0, float), (M, 1))
     active = np.ones(M, bool)
     n_eval = 0
@@ -729,9 +756,13 @@ def _refine(sc: _Scorer, rows, ops, best_chi, best_geom, top, trust0, tol, max_i
         best_geom[top[idx[ok]]] = g_new[ok]
         if ok.any():
             imgs[it[torch.as_tensor(ok, device=dev)]] = trial[torch.as_tensor(ok, device=dev)]
-        trust[idx[~ok]] *= 0.5
+        # a rejected step shrinks the trust region to half of that step (halving the region alone
+        # repeats the same step while the step is inside it); a rejected step below tolerance means
+        # the current geometry is the optimum within tolerance
+        frac = (np.abs(step[:, 0, axes]) / trust[idx][:, axes]).max(1, initial=0.0)
+        trust[idx[~ok]] *= 0.5 * np.clip(frac[~ok], 1e-3, 1.0)[:, None]
         small = (np.abs(step[:, 0, axes]) < tol[axes]).all(1)
-        active[idx] = ~((ok & small) | (trust[idx][:, axes] < tol[axes]).all(1))
+        active[idx] = ~(small | (trust[idx][:, axes] < tol[axes]).all(1))
     return n_eval
 
 
@@ -752,8 +783,8 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     K = len(cand)
     geoms = _apply_offsets(start, gs.offsets(), lib.disk_radius_px)
     # most of the library (K > a quarter of rows x ops): score it all densely, then pick
-    blocks = None if K > 0.25 * lib.matrix.shape[0] * 8 else _CandidateBlocks(lib, rows, ops)
-    best_chi, arg = _score_candidates(sc, sc.resample(geoms), rows, ops, blocks)
+    cands = _Candidates(lib, rows, ops, gather=K <= 0.25 * lib.matrix.shape[0] * 8)
+    best_chi, arg = _score_candidates(sc, sc.resample(geoms), cands)
     best_geom = geoms[arg]
     n_eval = K * len(geoms)
     steps = gs.steps
@@ -773,12 +804,12 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
     for _round in range(16):
         lead = int(np.argmin(best_chi))
         if not refined[lead]:
-            n_eval += _refine(sc, rows[[lead]], ops[[lead]], best_chi, best_geom, np.array([lead]), steps,
-                              steps * gs.tol, gs.max_iter)
+            n_eval += _refine(sc, cands.patterns([lead]), rows[[lead]], best_chi, best_geom, np.array([lead]),
+                              steps, steps * gs.tol, gs.max_iter)
             refined[lead] = touched[lead] = True
         if gs.max_iter == 0:
             break
-        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), rows, ops, blocks)
+        c1, _ = _score_candidates(sc, sc.resample(best_geom[lead][None]), cands)
         n_eval += K
         better = (c1 < best_chi) & ~touched  # refined candidates keep their exact values
         best_chi[better] = c1[better]
@@ -790,23 +821,24 @@ def _fit_one(lib: LsfLibrary, raw: torch.Tensor, start: np.ndarray, cand: np.nda
         nb = where[max(j - 1, 0):j + 2, max(gy - 1, 0):gy + 2, max(gx - 1, 0):gx + 2].ravel()
         top = np.unique(np.concatenate([np.argsort(best_chi, kind="stable")[:gs.n_refine], nb[nb >= 0]]))
         top = top[~touched[top]]
+        S = cands.patterns(top) if len(top) else None
         if len(top) and gs.screen_margin is not None and axes:
             # candidates whose linearised refinement cannot come within screen_margin of the
             # leader are not refined (their chi2 stands)
-            lin = _linearised_chi2(sc, best_geom[top], rows[top], ops[top], axes)
+            lin = _linearised_chi2(sc, best_geom[top], S, rows[top], axes)
             n_eval += len(top)
-            top = top[lin <= best_chi[b] * (1 + gs.screen_margin)]
+            keep = lin <= best_chi[b] * (1 + gs.screen_margin)
+            top, S = top[keep], S[torch.as_tensor(keep, device=S.device)]
         if len(top) == 0:
             break
-        n_eval += _refine(sc, rows[top], ops[top], best_chi, best_geom, top, steps, steps * gs.tol,
-                          gs.max_iter_others)
+        n_eval += _refine(sc, S, rows[top], best_chi, best_geom, top, steps, steps * gs.tol, gs.max_iter_others)
         touched[top] = True
     b = int(np.argmin(best_chi))
     # exact chi2, f, b of the best candidate in float64
     g = best_geom[b]
     n = lib.n_px
     e = sc.resample(g[None])[0].double().cpu().numpy().reshape(n, n)
-    sim = _forward_op(lib.matrix[int(rows[b])].reshape(n, n), SYMMETRY_OPS[ops[b]]).double().cpu().numpy()
+    sim = cands.patterns([b])[0].reshape(n, n).double().cpu().numpy()
     w = sc.mask.cpu().numpy().reshape(n, n)
     chi2, f, bb = chi2_closed_form(e, sim, fit_background, weights=w)
     see_b = float((w * e * e).sum())
