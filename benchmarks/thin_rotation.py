@@ -10,8 +10,10 @@ Columns (fraction within 1 deg, and in brackets 45 deg off = error > 22.5 deg):
 * harmonic ring 1.05-1.5 radii, mod 45: the phase of the 4th azimuthal harmonic just outside the
   zero-order disk, granted the 45-deg ambiguity of a harmonic whose sign flips with thickness;
 * the same, 45-deg branch from the network;
-* shipped: the card's rule (annulus alpha + g/2 .. alpha + sqrt(2) g, sign fixed in the thin limit)
-  below its ``below_nm`` predicted thickness, the network above.
+* rule, no LSF: the card's rule (annulus alpha + g/2 .. alpha + sqrt(2) g, sign fixed in the thin
+  limit) below its ``below_nm`` predicted thickness, the network above;
+* shipped: the same, then the geometry of the thin patterns refined by least squares against the
+  card's zero-tilt reference patterns (``predictor.thin_refine``); median errors of both.
 
 Then, over the whole test set per true-thickness band: the fraction of tilt (both axes) and thickness
 errors within 1 and 2 predicted standard deviations and the median tilt sigma, with the card's
@@ -60,8 +62,12 @@ def main(argv=None):
     rule, pred.thin_rotation = pred.thin_rotation, None
     r = pred.predict_batch(x)
     pred.thin_rotation = rule
+    refine, pred.thin_refine = pred.thin_refine, False
+    harm_only = pred.predict_batch(x)
+    pred.thin_refine = refine
     shipped = pred.predict_batch(x)
     err_ship = np.abs(wrap_rotation_deg(shipped["rotation_deg"] - truth))
+    err_rule = np.abs(wrap_rotation_deg(harm_only["rotation_deg"] - truth))
     err_net = np.abs(wrap_rotation_deg(r["rotation_deg"] - truth))
     est = harmonic_rotation_deg(x, np.stack([r["center_y_px"], r["center_x_px"]], 1), r["disk_radius_px"])
     err_harm = np.abs((est - truth + 22.5) % 45 - 22.5)
@@ -72,11 +78,12 @@ def main(argv=None):
           f"(fraction > 22.5 deg off); shipped rule: {rule and {k: rule[k] for k in ('ring_mrad', 'sign', 'below_nm')}}")
     f = lambda e, m: f"{np.mean(e[m] <= 1):.2f} ({np.mean(e[m] > 22.5):.2f})"  # noqa: E731
     print(f"{'band':>8s} {'n':>4s} {'network':>12s} {'harmonic mod 45':>16s} {'harmonic+net branch':>20s} "
-          f"{'shipped':>12s} {'shipped rotation_std_deg (median)':>34s}")
+          f"{'rule, no LSF':>13s} {'shipped':>12s} {'median error':>13s} {'rotation_std_deg (median)':>26s}")
     for lo, hi in ((0, 3), (3, 6), (6, 10)):
         m = (t >= lo) & (t < hi)
         print(f"{lo:>3d}-{hi:<2d}nm {m.sum():4d} {f(err_net, m):>12s} {np.mean(err_harm[m] <= 1):16.2f} "
-              f"{f(err_comb, m):>20s} {f(err_ship, m):>12s} {np.median(shipped['rotation_std_deg'][m]):33.1f}°")
+              f"{f(err_comb, m):>20s} {f(err_rule, m):>13s} {f(err_ship, m):>12s} "
+              f"{np.median(err_rule[m]):5.2f} / {np.median(err_ship[m]):.2f}° {np.median(shipped['rotation_std_deg'][m]):25.2f}°")
     dose = test["dose"][thin]
     print("network alone, fraction > 22.5 deg off by dose (e- per pattern): " + ", ".join(
         f"{lo:.0e}-{hi:.0e}: {np.mean(err_net[(dose >= lo) & (dose < hi)] > 22.5):.2f}"

@@ -1,9 +1,11 @@
 """The shipped PACBED model on held-out simulated patterns, OOD inputs and bad input."""
+import hashlib
 import json
 import pathlib
 
 import numpy as np
 import pytest
+import torch
 
 from diffkit.calibration import Calibration
 from diffkit.errors import BadInputError, MissingCalibrationError, ModelNotFoundError
@@ -61,11 +63,11 @@ def test_alignment_recovers_geometry(heldout, heldout_pred):
     dc = np.hypot(heldout_pred["center_y_px"] - heldout["center_y_px"], heldout_pred["center_x_px"] - heldout["center_x_px"])
     ds = np.abs(heldout_pred["disk_radius_px"] / heldout["disk_radius_px"] - 1)
     dr = np.abs((heldout_pred["rotation_deg"] - heldout["rotation_deg"] + 45) % 90 - 45)
-    # truth = best-fit similarity of the whole distortion (residual affine included); the rotation of
-    # the thinnest (< ~10 nm, little four-fold contrast) patterns is not recovered, hence 0.9, not 0.99
+    # truth = best-fit similarity of the whole distortion (residual affine included); measured on
+    # these 150 patterns (2026-12-01, with the thin-pattern refinement): 100 % for all three
     assert np.mean(dc <= 1.0) >= 0.97
-    assert np.mean(ds <= 0.01) >= 0.93
-    assert np.mean(dr <= 1.0) >= 0.9
+    assert np.mean(ds <= 0.01) >= 0.95
+    assert np.mean(dr <= 1.0) >= 0.97
 
 
 def test_uncertainty_is_calibrated(heldout, heldout_pred):
@@ -188,13 +190,15 @@ def test_symmetric_views_map_corrections_back():
 
 
 def test_rotation_uncertainty_follows_thickness(heldout, heldout_pred):
-    """Rotation (hence the crystal axes of the tilt) is undetermined in thin patterns: the predicted
-    68 % half-width says so, and it covers the actual errors about as often as it claims."""
+    """Rotation (hence the crystal axes of the tilt) is least certain in the thinnest patterns (weak
+    disks; since the least-squares refinement of thin patterns a few tenths of a degree, before it
+    several degrees): the predicted 68 % half-width says so, and it covers the actual errors about
+    as often as it claims."""
     s, t = heldout_pred["rotation_std_deg"], heldout["thickness_nm"]
     dr = np.abs((heldout_pred["rotation_deg"] - heldout["rotation_deg"] + 45) % 90 - 45)
     assert np.isfinite(s).all() and (s > 0).all()
     assert np.median(s[t > 20]) < 0.5
-    assert (t < 4).any() and np.median(s[t < 4]) > 2 and np.median(s[t < 4]) > 5 * np.median(s[t > 20])
+    assert (t < 4).any() and np.median(s[t < 4]) > 1.5 * np.median(s[t > 20])
     assert 0.6 <= np.mean(dr <= s) <= 0.95
 
 
@@ -213,6 +217,41 @@ def test_thin_patterns_take_their_axes_from_the_fourfold_harmonic(predictor, hel
         predictor.thin_rotation = saved
     assert np.mean(err > 22.5) <= 0.1 < np.mean(err_net > 22.5)
     assert np.mean(err <= 1) > np.mean(err_net <= 1)
+
+
+def test_thin_geometry_is_refined_against_shipped_reference_patterns(predictor, heldout, heldout_pred):
+    """Below the card's threshold the centre, size and rotation of thin patterns are refined by least
+    squares against zero-tilt library patterns shipped next to the weights (safetensors, checksum
+    in the card): their rotation is then right to well within a degree, where the harmonic rule
+    alone leaves errors of a degree or more."""
+    ref = predictor.thin_rotation.get("reference")
+    assert ref and predictor.thin_refine
+    path = pathlib.Path(predictor.card["card_path"]).with_name(ref["file"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref["sha256"]
+    assert predictor.thin_reference().thickness_nm.max() >= predictor.thin_rotation["below_nm"]
+    thin = heldout["thickness_nm"] < 10
+    assert thin.sum() >= 8
+    x, truth = heldout["patterns"][thin].astype(np.float32), heldout["rotation_deg"][thin]
+    err = np.abs((heldout_pred["rotation_deg"][thin] - truth + 45) % 90 - 45)
+    predictor.thin_refine = False
+    try:
+        err_h = np.abs((predictor.predict_batch(x)["rotation_deg"] - truth + 45) % 90 - 45)
+    finally:
+        predictor.thin_refine = True
+    assert np.mean(err <= 1) >= 0.9
+    assert np.median(err) < 0.5 * np.median(err_h)
+
+
+def test_thin_geometry_refinement_keeps_unusable_patterns(predictor):
+    """A blank frame or a pattern cut off by the detector edge cannot be fitted: it keeps its start
+    geometry instead of failing the batch."""
+    x = torch.zeros(2, 128, 128)
+    x[1, :, :40] = 5.0  # intensity only far from the given centre
+    c = torch.tensor([[63.5, 63.5], [63.5, 120.0]])
+    r = torch.tensor([20.0, 20.0])
+    a = torch.tensor([3.0, -7.0])
+    c2, r2, a2 = predictor.refine_thin_geometry(x, c, r, a, torch.tensor([4.0, 4.0]))
+    assert torch.equal(c2, c) and torch.equal(r2, r) and torch.allclose(a2, a)
 
 
 def test_thin_patterns_carry_wider_tilt_uncertainty(predictor, heldout):

@@ -319,6 +319,11 @@ def mahalanobis(f, mu, icov):
     return ((z @ icov) * z).sum(-1).clamp_min(0).sqrt()
 
 
+#: predicted thickness (nm) below which calibration tries the thin-pattern geometry refinement (the
+#: harmonic's 45-deg branch is reliable below ~10 nm; the card's ``below_nm`` is chosen up to this)
+THIN_REFINE_MAX_NM = 15.0
+
+
 def thin_rotation_ring(lib, material: str, zone: str, energy_kv: float, convergence_mrad: float,
                        thin_nm: float = 5.0) -> dict | None:
     """Annulus and sign of the four-fold harmonic that fixes the crystal axes of thin patterns.
@@ -354,8 +359,22 @@ def thin_rotation_ring(lib, material: str, zone: str, energy_kv: float, converge
                       "thickness below_nm that maximises the fraction of rotations within 1 deg end to end"}
 
 
+def thin_reference_patterns(lib, max_nm: float = THIN_REFINE_MAX_NM + 2.0):
+    """Zero-tilt library patterns (T, n, n) float32 and their thicknesses (T,) nm up to ``max_nm``:
+    the reference of the thin-pattern geometry refinement
+    (:meth:`~diffkit.pacbed.predictor.PacbedPredictor.refine_thin_geometry`)."""
+    tx, ty = np.asarray(lib["tilt_x_mrad"].values), np.asarray(lib["tilt_y_mrad"].values)
+    zero = np.nonzero((np.abs(tx) < 1e-9) & (np.abs(ty) < 1e-9))[0]
+    if len(zero) == 0:
+        raise ValueError("the library has no zero-tilt patterns")
+    th = np.asarray(lib["thickness_nm"].values)
+    keep = th <= max_nm
+    pats = np.asarray(lib["pattern"].isel(tilt=int(zero[0])).values)[keep]
+    return pats.astype(np.float32), th[keep].astype(np.float64)
+
+
 def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, n: int = 2048, device="cpu",
-                          thin_rule: dict | None = None):
+                          thin_rule: dict | None = None, thin_reference=None):
     """Calibrate a packaged predictor end to end: raw detector frames -> alignment -> networks.
 
     * Temperatures (thickness, tilt) are chosen so that the central 68 % and 95 % intervals
@@ -368,7 +387,10 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
     * With ``thin_rule`` (:func:`thin_rotation_ring`), its ``below_nm`` is chosen as the
       predicted thickness below which the harmonic's axes replace the network's, maximising
       the fraction of rotations within 1 deg; everything else is then measured on the axes the
-      pipeline will use (the rule's below that thickness).
+      pipeline will use (the rule's below that thickness). With ``thin_reference`` (an
+      :class:`~diffkit.pacbed.lsf.LsfLibrary` of :func:`thin_reference_patterns`) the rule's
+      geometry is refined by least squares against it, and ``below_nm`` is chosen among the
+      bands up to :data:`THIN_REFINE_MAX_NM`.
     * Temperatures are fitted globally and per predicted-thickness band
       (:data:`TEMPERATURE_BANDS_NM`).
 
@@ -394,18 +416,28 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
             c, r, rot, can = predictor.align(raw)
             for k, v in zip(keys, (t, tx, ty)):
                 Y[k].append(torch.as_tensor(v))
-            views = [(rot, can)]
+            out0 = net(normalise(can))
+            tp0 = distribution_stats(out0["thickness"], net.thickness_bins)[1]
+            t_pred.append(tp0.cpu())
+            views = [(c, r, rot, can, out0)]
             if thin_rule:
+                c1, r1 = c, r
                 rot1 = wrap_rotation_deg(rot + predictor.thin_rotation_correction(can, thin_rule))
-                views.append((rot1, to_canonical(raw, c, r, rot1, predictor.disk_radius_px, predictor.n_px)))
-            for v, (ro, cv) in enumerate(views):
-                out = net(normalise(cv))
-                if v == 0:
-                    t_pred.append(distribution_stats(out["thickness"], net.thickness_bins)[1].cpu())
+                if thin_reference is not None:
+                    sel = tp0 < THIN_REFINE_MAX_NM
+                    if sel.any():
+                        c1, r1, rot1 = c.clone(), r.clone(), rot1.clone()
+                        c1[sel], r1[sel], rot1[sel] = predictor.refine_thin_geometry(
+                            raw[sel], c[sel], r[sel], rot1[sel], tp0[sel], reference=thin_reference)
+                can1 = to_canonical(raw, c1, r1, rot1, predictor.disk_radius_px, predictor.n_px)
+                views.append((c1, r1, rot1, can1, None))
+            for v, (cc, rr, ro, cv, out) in enumerate(views):
+                if out is None:
+                    out = net(normalise(cv))
                 for k in keys:
                     L[v][k].append(out[k].cpu())
                 err[v].append(wrap_rotation_deg(ro - rot_true).abs().cpu())
-                valid = recorded_area(raw.shape[-2:], c, r, ro, predictor.disk_radius_px, predictor.n_px)
+                valid = recorded_area(raw.shape[-2:], cc, rr, ro, predictor.disk_radius_px, predictor.n_px)
                 desc[v].append(pattern_descriptors(cv, predictor.disk_radius_px, valid).cpu())
     net.temperature.copy_(saved)
     tp = torch.cat(t_pred).numpy()
@@ -414,7 +446,8 @@ def calibrate_on_pipeline(predictor, sampler: LibrarySampler, cfg: TrainConfig, 
     if thin_rule:
         e1 = torch.cat(err[1]).numpy()
         # (within 1 deg, threshold): the first maximum, so ties keep the network
-        score = [(float(np.mean(np.where(tp < e, e1, e0) <= 1.0)), -e) for e in ROTATION_BANDS_NM[:-1]]
+        cands = [e for e in ROTATION_BANDS_NM[:-1] if thin_reference is None or e <= THIN_REFINE_MAX_NM]
+        score = [(float(np.mean(np.where(tp < e, e1, e0) <= 1.0)), -e) for e in cands]
         below = -max(score)[1]
         thin_rule = dict(thin_rule, below_nm=float(below),
                          within_1deg={"network": float(np.mean(e0 <= 1.0)), "with_rule": max(score)[0]})

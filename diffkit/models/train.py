@@ -7,6 +7,7 @@ accuracy table produced by :mod:`diffkit.models.pacbed_eval`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime
 import json
 import pathlib
@@ -21,7 +22,7 @@ from ..sim.crystals import get_crystal
 from ..sim.pacbed import LibrarySpec, build_pacbed_library
 from .pacbed_eval import evaluate, make_test_set
 from .pacbed_training import (LibrarySampler, TrainConfig, calibrate_on_pipeline, calibrate_temperature, feature_statistics,
-                              thin_rotation_ring,
+                              thin_reference_patterns, thin_rotation_ring,
                               train_align_net, train_measure_net)
 from .registry import WEIGHTS_DIR
 
@@ -138,8 +139,31 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
     thin = thin_rotation_ring(lib, card["material"], card["zone_axis"], card["beam_energy_kv"], card["convergence_mrad"])
+    reference = ref_lib = None
+    if thin:
+        # zero-tilt library patterns of thin crystals, shipped next to the weights, for the thin-pattern
+        # geometry refinement (a few hundred kB)
+        from ..pacbed.lsf import LsfLibrary
+
+        ref_pats, ref_t = thin_reference_patterns(lib)
+        step = float(lib.attrs["fine_step_mrad"])
+        ref_lib = LsfLibrary(ref_pats[None], ref_t, [0.0], [0.0],
+                             {"pixel_size_mrad": pred.pixel_size_mrad, "disk_radius_px": pred.disk_radius_px,
+                              "convergence_mrad": pred.convergence_mrad, "fine_step_mrad": step}, device=device)
+        reference = {"file": card_path.stem + ".thin_reference.safetensors",
+                     "thickness_nm": [float(ref_t.min()), float(ref_t.max())], "n_patterns": int(len(ref_t)),
+                     "tilt_step_mrad": step, "smooth_px": ref_lib.smooth_px,
+                     "library_key": str(lib.attrs.get("spec_key", "")),
+                     "note": "zero-tilt library patterns (library frame) the geometry of thin patterns is refined "
+                             "against by least squares (PacbedPredictor.refine_thin_geometry)"}
     (temps, bands), table, rotation, thin = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n,
-                                                                  device=device, thin_rule=thin)
+                                                                  device=device, thin_rule=thin,
+                                                                  thin_reference=ref_lib)
+    if thin and reference:
+        ref_path = card_path.with_name(reference["file"])
+        save_file({"patterns": torch.from_numpy(ref_pats), "thickness_nm": torch.from_numpy(ref_t)}, str(ref_path))
+        reference["sha256"] = hashlib.sha256(ref_path.read_bytes()).hexdigest()
+        thin["reference"] = reference
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
     sd["measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
