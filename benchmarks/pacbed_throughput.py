@@ -53,6 +53,9 @@ def main():
                     help="views averaged in the last alignment pass (default: the predictor's, 4; 1 = off)")
     ap.add_argument("--no-thin-rule", action="store_true",
                     help="disable the model card's thin-pattern axes rule (one measurement pass less per batch with thin patterns)")
+    ap.add_argument("--no-thin-refine", action="store_true",
+                    help="keep the rule's harmonic axes for thin patterns, without the least-squares geometry "
+                         "refinement against the card's reference patterns")
     ap.add_argument("--large-batch", type=int, default=None,
                     help="also time this batch size (default: 4096 on CUDA, none on CPU)")
     args = ap.parse_args()
@@ -66,6 +69,8 @@ def main():
         pred.align_views = args.align_views
     if args.no_thin_rule:
         pred.thin_rotation = None
+    if args.no_thin_refine:
+        pred.thin_refine = False
     rng = np.random.default_rng(0)
     n = args.detector_px
     fixture = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout_sto_13.6mrad.npz"
@@ -89,7 +94,8 @@ def main():
     print(f"device: {default_device()} (GPU: {gpu}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
           f"CPU: {platform.processor() or platform.machine()}")
     print(f"alignment: up to {pred.align_iterations} passes, last pass averaged over {pred.align_views} view(s); "
-          f"thin-pattern axes rule {'on' if pred.thin_rotation else 'off'}")
+          f"thin-pattern axes rule {'on' if pred.thin_rotation else 'off'}, "
+          f"least-squares refinement {'on' if pred.thin_rotation and pred.thin_refine else 'off'}")
     r1 = timeit(lambda: pred.predict_batch(one), 1, args.seconds)
     r256 = timeit(lambda: pred.predict_batch(batch256), 256, args.seconds)
     large = args.large_batch or (4096 if default_device().type == "cuda" else None)

@@ -159,6 +159,10 @@ class GeometrySearch:
         Of those, a candidate is refined only when one linearised Gauss-Newton step from its
         current geometry (closed form, one resampling per distinct geometry) could bring its
         chi2 within this relative margin (>= 0) of the leader's; None refines them all.
+    coarse_axes : tuple of int
+        Axes (0 dy, 1 dx, 2 scale, 3 rotation) of the coarse grid; the others start at the
+        starting geometry and are left to the Gauss-Newton refinement (e.g. ``(3,)`` when only the
+        rotation of the start is in doubt: 3 coarse geometries instead of 81).
     """
 
     shift_px: float = 0.5
@@ -169,6 +173,7 @@ class GeometrySearch:
     tol: float = 0.05
     max_iter_others: int = 2
     screen_margin: float | None = 0.01
+    coarse_axes: tuple = (0, 1, 2, 3)
 
     @classmethod
     def fixed(cls) -> "GeometrySearch":
@@ -182,7 +187,8 @@ class GeometrySearch:
 
     def offsets(self) -> np.ndarray:
         """(G, 4) coarse-grid offsets (dy px, dx px, d log scale, d rotation deg), the start first."""
-        axes = [np.array([-s, 0.0, s]) if s > 0 else np.zeros(1) for s in self.steps]
+        axes = [np.array([-s, 0.0, s]) if s > 0 and a in self.coarse_axes else np.zeros(1)
+                for a, s in enumerate(self.steps)]
         g = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 4)
         order = np.argsort(np.abs(g).sum(1), kind="stable")
         return g[order]
@@ -482,6 +488,7 @@ class _Scorer:
         self.lib, self.R, self.bg = lib, R, fit_background
         self.raw = raw.to(lib.device).float()
         self.mask = torch.as_tensor(lib.radius_px < R, device=lib.device, dtype=torch.float32)
+        self.v = torch.arange(lib.n_px, dtype=torch.float32, device=lib.device) - (lib.n_px - 1) / 2  # library px
         self.n_fit = int(self.mask.sum())
         self.norm = 1.0
         self.norm = float(self.resample(start[None]).sum()) / self.n_fit
@@ -497,15 +504,16 @@ class _Scorer:
         s = g[:, 2] / self.lib.disk_radius_px
         th = np.deg2rad(g[:, 3])
         cos, sin = np.cos(th), np.sin(th)
-        h = (n - 1) / 2
-        # library pixel v (centred) -> raw position centre + s R v, in grid_sample's normalised units;
-        # affine_grid's output coordinates (align_corners) are v / h
+        # library pixel v (centred) -> raw position centre + s R v, in grid_sample's normalised units
+        # (elementwise from one coefficient tensor: several times faster on CPU than affine_grid)
         kx, ky = 2 / (W - 1), 2 / (H - 1)
-        theta = np.empty((G, 2, 3))
-        theta[:, 0] = np.stack([s * cos * kx * h, -s * sin * kx * h, g[:, 1] * kx - 1], 1)
-        theta[:, 1] = np.stack([s * sin * ky * h, s * cos * ky * h, g[:, 0] * ky - 1], 1)
-        grid = torch.nn.functional.affine_grid(torch.as_tensor(theta, dtype=torch.float32, device=self.lib.device),
-                                               [G, 1, n, n], align_corners=True)
+        coef = torch.as_tensor(np.stack([s * cos * kx, -s * sin * kx, g[:, 1] * kx - 1,
+                                         s * sin * ky, s * cos * ky, g[:, 0] * ky - 1], 1),
+                               dtype=torch.float32, device=self.lib.device)[:, :, None, None]
+        vx, vy = self.v[None, :], self.v[:, None]
+        grid = torch.empty(G, n, n, 2, device=self.lib.device)
+        grid[..., 0] = coef[:, 0] * vx + coef[:, 1] * vy + coef[:, 2]
+        grid[..., 1] = coef[:, 3] * vx + coef[:, 4] * vy + coef[:, 5]
         out = torch.nn.functional.grid_sample(self.raw[None, None], grid.reshape(1, G * n, n, 2), mode="bilinear",
                                               padding_mode="zeros", align_corners=True).reshape(G, n, n)
         # matched low-pass in the library frame, exactly as applied to the library

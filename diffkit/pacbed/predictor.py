@@ -304,22 +304,34 @@ class PacbedPredictor:
                     lib.thickness_nm.max() - window_nm)
         c1, r1, a1 = c0.copy(), r0.copy(), a0.copy()
         # the harmonic's axes of the thinnest patterns can be ~10 deg off: a coarse rotation step of a
-        # few degrees (Gauss-Newton then converges to ~0.05 deg)
-        gs = GeometrySearch(rotation_deg=float(rotation_step_deg))
-        for i in range(len(x)):  # one at a time: a pattern the fit cannot use keeps its start values
-            geo = {"center_y_px": c0[i:i + 1, 0], "center_x_px": c0[i:i + 1, 1], "disk_radius_px": r0[i:i + 1],
-                   "rotation_deg": a0[i:i + 1]}
-            try:
-                f = lsf_fit(lib, x[i:i + 1], geometry=geo, fit_background=True, return_landscape=False,
-                            search={"thickness_nm": (t[i] - window_nm, t[i] + window_nm)}, geometry_search=gs)
-            except BadInputError:
-                continue
-            c = np.array([float(f["center_y_px"][0]), float(f["center_x_px"][0])])
-            r, a = float(f["disk_radius_px"][0]), float(f["rotation_deg"][0])
-            da = (a - a0[i] + 45.0) % 90.0 - 45.0
-            if (np.isfinite([*c, r, a]).all() and np.hypot(*(c - c0[i])) <= max_change[0]
-                    and abs(r / r0[i] - 1) <= max_change[1] and abs(da) <= max_change[2]):
-                c1[i], r1[i], a1[i] = c, r, a0[i] + da
+        # few degrees (Gauss-Newton then converges to ~0.05 deg); centre and size start close enough
+        # for Gauss-Newton alone
+        gs = GeometrySearch(rotation_deg=float(rotation_step_deg), coarse_axes=(3,))
+
+        def fit(idx):
+            geo = {"center_y_px": c0[idx, 0], "center_x_px": c0[idx, 1], "disk_radius_px": r0[idx],
+                   "rotation_deg": a0[idx]}
+            return lsf_fit(lib, x[idx], geometry=geo, fit_background=True, return_landscape=False,
+                           search={"thickness_nm": (t[idx] - window_nm, t[idx] + window_nm)}, geometry_search=gs)
+
+        every = np.arange(len(x))
+        try:
+            fits = [(every, fit(every))]
+        except BadInputError:  # one at a time: a pattern the fit cannot use keeps its start values
+            fits = []
+            for i in every:
+                try:
+                    fits.append((every[i:i + 1], fit(every[i:i + 1])))
+                except BadInputError:
+                    pass
+        for idx, f in fits:
+            c = np.stack([f["center_y_px"].values, f["center_x_px"].values], 1)
+            r, a = f["disk_radius_px"].values, f["rotation_deg"].values
+            da = (a - a0[idx] + 45.0) % 90.0 - 45.0
+            ok = (np.isfinite(c).all(1) & np.isfinite(r) & np.isfinite(a)
+                  & (np.hypot(*(c - c0[idx]).T) <= max_change[0]) & (np.abs(r / r0[idx] - 1) <= max_change[1])
+                  & (np.abs(da) <= max_change[2]))
+            c1[idx[ok]], r1[idx[ok]], a1[idx[ok]] = c[ok], r[ok], a0[idx[ok]] + da[ok]
         tt = lambda v, like: torch.as_tensor(v, dtype=like.dtype, device=like.device)  # noqa: E731
         return tt(c1, centre), tt(r1, radius), wrap_rotation_deg(tt(a1, rot))
 
