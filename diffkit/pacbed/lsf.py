@@ -19,12 +19,14 @@ Search space
 Geometry
     raw detector patterns are brought to the library frame with a starting geometry (disk
     centre, disk radius = scale, rotation) from the predictor's alignment, the calibration or
-    projection moments. Scale, rotation and shift are then refined coarse-to-fine: level 0
-    scores *every* candidate on a 3x3x3x3 grid of geometries around the start (batched
-    ``grid_sample`` + one matrix product); each further level halves the steps around the
-    best geometry so far and rescores the ``n_refine`` best candidates. The experimental
-    pattern is what gets resampled (equivalent to transforming the simulation, up to
-    interpolation), so the library is read once per level instead of once per geometry.
+    projection moments. Scale, rotation and shift are then refined coarse-to-fine
+    (:class:`GeometrySearch`): every candidate is scored on a 3x3x3x3 grid of geometries around
+    the start (batched ``grid_sample`` + matrix products); the leading candidate's geometry is
+    refined by Gauss-Newton, all candidates are rescored there, and the other leaders and the
+    leader's grid neighbours are refined from it when a closed-form linearised step says they
+    could overtake it. The experimental pattern is what gets resampled (equivalent to
+    transforming the simulation, up to interpolation), so the library is read once per pass
+    instead of once per geometry.
 Fit region
     a disk of ``fit_radius_mrad`` about the pattern centre (default: the library's inscribed
     circle), shrunk when the detector does not cover it for every trial geometry, so that
