@@ -254,6 +254,24 @@ def test_thin_geometry_refinement_keeps_unusable_patterns(predictor):
     assert torch.equal(c2, c) and torch.equal(r2, r) and torch.allclose(a2, a)
 
 
+def test_altered_thin_reference_is_refused(predictor, tmp_path):
+    """The reference patterns are checked against the card's checksum before use."""
+    import shutil
+
+    from diffkit.pacbed.predictor import load_predictor_file
+
+    card = pathlib.Path(predictor.card["card_path"])
+    for f in (card, card.with_suffix(".safetensors")):
+        shutil.copy(f, tmp_path / f.name)
+    ref = tmp_path / predictor.thin_rotation["reference"]["file"]
+    raw = bytearray(card.with_name(ref.name).read_bytes())
+    raw[-1] ^= 0xFF  # one altered byte in the last pattern
+    ref.write_bytes(bytes(raw))
+    other = load_predictor_file(tmp_path / card.name, device="cpu")
+    with pytest.raises(BadInputError, match="checksum"):
+        other.thin_reference()
+
+
 def test_thin_patterns_carry_wider_tilt_uncertainty(predictor, heldout):
     """The networks barely see the tilt of patterns thinner than ~10 nm; temperatures fitted per
     predicted-thickness band (model card) widen those distributions so that the errors stay inside

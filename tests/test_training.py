@@ -26,6 +26,11 @@ def test_smoke_training_packages_a_loadable_model(smoke_model):
     res = pred.predict_batch(x)
     assert res["thickness_nm"].shape == (3,)
     assert np.all((res["thickness_nm"] >= 2) & (res["thickness_nm"] <= 12))
+    # the thin-pattern reference is packaged next to the weights and loads without pickle
+    ref = card["thin_rotation"]["reference"]
+    assert (card_path.parent / ref["file"]).exists() and pred.thin_refine
+    lib = pred.thin_reference()
+    assert lib.n_tilt == 1 and lib.thickness_nm.min() == ref["thickness_nm"][0]
 
 
 def test_sampler_symmetry_ops_transform_labels(smoke_model):
