@@ -248,14 +248,17 @@ class PacbedPredictor:
             centre, radius, rot, can = centre.clone(), radius.clone(), rot.clone(), can.clone()
             rot[thin] = wrap_rotation_deg(rot[thin] + self.thin_rotation_correction(can[thin]))
             if self.thin_refine:
-                c2, r2, rot2 = self.refine_thin_geometry(x[thin], centre[thin], radius[thin], rot[thin],
+                # start from the disk size the network found (a calibrated size may be off the
+                # pattern's by more than the refinement's guard); keep the calibrated one if given
+                free = self.last_free_radius if self.last_free_radius is not None else radius
+                c2, r2, rot2 = self.refine_thin_geometry(x[thin], centre[thin], free[thin], rot[thin],
                                                          thickness_nm[thin])
                 centre[thin], rot[thin] = c2, rot2
                 if not fixed_radius:
                     radius[thin] = r2
-                    if self.last_free_radius is not None:
-                        self.last_free_radius = self.last_free_radius.clone()
-                        self.last_free_radius[thin] = r2
+                if self.last_free_radius is not None:
+                    self.last_free_radius = self.last_free_radius.clone()
+                    self.last_free_radius[thin] = r2
             can[thin] = to_canonical(x[thin], centre[thin], radius[thin], rot[thin], self.disk_radius_px, self.n_px)
         return centre, radius, rot, can, thin
 
