@@ -634,14 +634,23 @@ def _jacobian(img: torch.Tensor, axes) -> torch.Tensor:
     """(m, len(axes), P) derivatives of resampled patterns (m, n, n) with respect to the geometry
     offsets (dy px, dx px, d log scale, d rotation deg) in the library frame (central differences)."""
     m, n = img.shape[0], img.shape[-1]
-    v = torch.arange(n, dtype=torch.float32, device=img.device) - (n - 1) / 2
-    vy, vx = (a.reshape(-1) for a in torch.meshgrid(v, v, indexing="ij"))
     gy = torch.zeros_like(img)
     gx = torch.zeros_like(img)
     gy[:, 1:-1] = 0.5 * (img[:, 2:] - img[:, :-2])
     gx[:, :, 1:-1] = 0.5 * (img[:, :, 2:] - img[:, :, :-2])
-    gy, gx = gy.reshape(m, -1), gx.reshape(m, -1)
-    return torch.stack([gy, gx, vx * gx + vy * gy, (vx * gy - vy * gx) * (math.pi / 180)], 1)[:, axes]
+    out = []
+    for a in axes:
+        if a == 0:
+            out.append(gy)
+        elif a == 1:
+            out.append(gx)
+        else:
+            v = torch.arange(n, dtype=img.dtype, device=img.device) - (n - 1) / 2  # library px about the centre
+            vy, vx = v[:, None], v[None, :]
+            out.append(vx * gx + vy * gy if a == 2 else (vx * gy - vy * gx) * (math.pi / 180))
+    if not out:
+        return img.new_zeros(m, 0, n * n)
+    return torch.stack(out, 1).reshape(m, len(out), -1)
 
 
 def _linearised_chi2(sc: _Scorer, geoms: np.ndarray, S: torch.Tensor, rows: np.ndarray, axes) -> np.ndarray:
