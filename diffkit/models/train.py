@@ -147,9 +147,9 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
 
         ref_pats, ref_t = thin_reference_patterns(lib)
         step = float(lib.attrs["fine_step_mrad"])
-        ref_lib = LsfLibrary(ref_pats[None], ref_t, [0.0], [0.0],
-                             {"pixel_size_mrad": pred.pixel_size_mrad, "disk_radius_px": pred.disk_radius_px,
-                              "convergence_mrad": pred.convergence_mrad, "fine_step_mrad": step}, device=device)
+        ref_lib = LsfLibrary.zero_tilt(ref_pats, ref_t, pixel_size_mrad=pred.pixel_size_mrad,
+                                       disk_radius_px=pred.disk_radius_px, convergence_mrad=pred.convergence_mrad,
+                                       tilt_step_mrad=step, device=device)
         reference = {"file": card_path.stem + ".thin_reference.safetensors",
                      "thickness_nm": [float(ref_t.min()), float(ref_t.max())], "n_patterns": int(len(ref_t)),
                      "tilt_step_mrad": step, "smooth_px": ref_lib.smooth_px,

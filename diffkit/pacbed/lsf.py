@@ -272,6 +272,17 @@ class LsfLibrary:
         return cls(lib["pattern"].values, lib["thickness_nm"].values, lib["tilt_x_mrad"].values,
                    lib["tilt_y_mrad"].values, dict(lib.attrs), device=device, smooth_px=smooth_px)
 
+    @classmethod
+    def zero_tilt(cls, patterns, thickness_nm, *, pixel_size_mrad: float, disk_radius_px: float,
+                  convergence_mrad: float, tilt_step_mrad: float, device=None, smooth_px: float = 0.5) -> "LsfLibrary":
+        """A library of zero-tilt patterns (T, n, n) at ``thickness_nm`` (T,) only, e.g. the thin-crystal
+        reference a model card ships (geometry refinement of thin patterns, which depend little on
+        tilt); ``tilt_step_mrad`` is the step of the library it came from."""
+        return cls(np.asarray(patterns)[None], thickness_nm, [0.0], [0.0],
+                   {"pixel_size_mrad": pixel_size_mrad, "disk_radius_px": disk_radius_px,
+                    "convergence_mrad": convergence_mrad, "fine_step_mrad": tilt_step_mrad},
+                   device=device, smooth_px=smooth_px)
+
     def _build_tilt_grid(self):
         step = self.tilt_step_mrad
         ix = np.rint(self.canonical_tilt_x / step).astype(int)

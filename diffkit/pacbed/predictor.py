@@ -281,11 +281,10 @@ class PacbedPredictor:
             if ref.get("sha256") and hashlib.sha256(raw).hexdigest() != ref["sha256"]:
                 raise BadInputError(f"thin-pattern reference {path} does not match the model card's checksum")
             sd = load(raw)
-            pat = sd["patterns"].float().numpy()
-            self._thin_reference = LsfLibrary(
-                pat[None], sd["thickness_nm"].double().numpy(), [0.0], [0.0],
-                {"pixel_size_mrad": self.pixel_size_mrad, "disk_radius_px": self.disk_radius_px,
-                 "convergence_mrad": self.convergence_mrad, "fine_step_mrad": float(ref["tilt_step_mrad"])},
+            self._thin_reference = LsfLibrary.zero_tilt(
+                sd["patterns"].float().numpy(), sd["thickness_nm"].double().numpy(),
+                pixel_size_mrad=self.pixel_size_mrad, disk_radius_px=self.disk_radius_px,
+                convergence_mrad=self.convergence_mrad, tilt_step_mrad=float(ref["tilt_step_mrad"]),
                 device=self.device, smooth_px=float(ref.get("smooth_px", 0.5)))
         return self._thin_reference
 
