@@ -7,8 +7,8 @@ accuracy table produced by :mod:`diffkit.models.pacbed_eval`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import datetime
+import hashlib
 import json
 import pathlib
 import platform

@@ -649,6 +649,8 @@ def _jacobian(img: torch.Tensor, axes) -> torch.Tensor:
     gx = torch.zeros_like(img)
     gy[:, 1:-1] = 0.5 * (img[:, 2:] - img[:, :-2])
     gx[:, :, 1:-1] = 0.5 * (img[:, :, 2:] - img[:, :, :-2])
+    v = torch.arange(n, dtype=img.dtype, device=img.device) - (n - 1) / 2  # library px about the centre
+    vy, vx = v[:, None], v[None, :]
     out = []
     for a in axes:
         if a == 0:
@@ -656,8 +658,6 @@ def _jacobian(img: torch.Tensor, axes) -> torch.Tensor:
         elif a == 1:
             out.append(gx)
         else:
-            v = torch.arange(n, dtype=img.dtype, device=img.device) - (n - 1) / 2  # library px about the centre
-            vy, vx = v[:, None], v[None, :]
             out.append(vx * gx + vy * gy if a == 2 else (vx * gy - vy * gx) * (math.pi / 180))
     if not out:
         return img.new_zeros(m, 0, n * n)

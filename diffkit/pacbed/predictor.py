@@ -572,20 +572,18 @@ _CACHE: dict = {}
 
 
 def _load_from_card(card: dict, device=None) -> PacbedPredictor:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     key = (card["weights_path"], str(device))
     if key in _CACHE:
         return _CACHE[key]
-    import hashlib
-
     raw = pathlib.Path(card["weights_path"]).read_bytes()
     # weights + calibration fingerprint: a map store written by another calibration is not resumed
     # (rotation_uncertainty: maps store the rotation_std_deg it gives)
     extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood", "thin_rotation",
                                                  "rotation_uncertainty")}, sort_keys=True)
     card = dict(card, fingerprint=hashlib.sha256(raw + extra.encode()).hexdigest()[:10])
-    sd = load_file(card["weights_path"])
+    sd = load(raw)  # the bytes just fingerprinted, not a second read
     g = card["geometry"]
     align = AlignNet(n_px=g["n_px"])
     align.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("align.")})
