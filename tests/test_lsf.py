@@ -214,6 +214,9 @@ def test_bad_input_is_rejected(lsflib, distorted):
     with pytest.raises(BadInputError, match="screen_margin"):
         M.lsf_fit(lsflib, x[:1], geometry={k: v[:1] for k, v in start.items()},
                   geometry_search=M.GeometrySearch(screen_margin=-0.1))
+    with pytest.raises(BadInputError, match="coarse_axes"):
+        M.lsf_fit(lsflib, x[:1], geometry={k: v[:1] for k, v in start.items()},
+                  geometry_search=M.GeometrySearch(coarse_axes=(4,)))
     with pytest.raises(BadInputError, match="no library candidate"):
         M.lsf_fit(lsflib, x[:1], geometry={k: v[:1] for k, v in start.items()}, search={"thickness_nm": (200, 300)})
     with pytest.raises(BadInputError, match="unknown search"):

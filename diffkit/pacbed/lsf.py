@@ -947,6 +947,9 @@ def lsf_fit(library, patterns, *, geometry=None, predictor=None, pixel_size_mrad
         raise BadInputError("geometry_search needs non-negative steps, n_refine >= 1 and max_iter(_others) >= 0")
     if gs.screen_margin is not None and not gs.screen_margin >= 0:
         raise BadInputError("geometry_search.screen_margin must be None or >= 0 (a relative chi2 margin)")
+    if not set(gs.coarse_axes) <= {0, 1, 2, 3}:
+        raise BadInputError(f"geometry_search.coarse_axes must name axes 0-3 (dy, dx, scale, rotation), "
+                            f"got {gs.coarse_axes!r}")
     if delta_chi2 <= 0:
         raise BadInputError("delta_chi2 must be positive")
     fit_r = lib.n_px / 2 if fit_radius_mrad is None else float(fit_radius_mrad) / lib.pixel_size_mrad
