@@ -57,18 +57,28 @@ def main(argv=None):
     o = np.nonzero((h == 0) & (k == 0))[0][0]
     G0, o0, hk = lattice_guess(P, scan.calibration)
     det = detect_disks(P, scan.calibration, method="subimage-cnn", lattice=(G0, o0, hk))
+
+    def matched(d):
+        """Exact centre (B, K, 2) and index (B, K) of the true disk each detection belongs to
+        (NaN / -1 when none lies within 2 px)."""
+        pos, idx = np.full(d.positions.shape, np.nan), np.full(d.positions.shape[:2], -1)
+        for b in range(len(P)):
+            T = np.stack([tx[b], ty[b]], -1)
+            for j in np.nonzero(d.valid[b])[0]:
+                dist = np.hypot(*(T - d.positions[b, j]).T)
+                i = int(np.nanargmin(dist))
+                if dist[i] <= 2:
+                    pos[b, j], idx[b, j] = T[i], i
+        return pos, idx
+
+    true_pos, true_idx = matched(det)
     rows = []  # pattern, |hk|, radial error, tangential error (px)
-    for b in range(len(P)):
-        T = np.stack([tx[b], ty[b]], -1)
-        c = T[o]
-        for j in np.nonzero(det.valid[b] & ~det.edge[b])[0]:
-            d = np.hypot(*(T - det.positions[b, j]).T)
-            i = int(np.nanargmin(d))
-            if d[i] > 2 or i == o:
-                continue
-            u = (T[i] - c) / np.hypot(*(T[i] - c))
-            e = det.positions[b, j] - T[i]
-            rows.append((b, round(float(np.hypot(h[i], k[i])), 2), e @ u, e[1] * u[0] - e[0] * u[1]))
+    for b, j in zip(*np.nonzero(~det.edge & (true_idx >= 0) & (true_idx != o))):
+        i = true_idx[b, j]
+        u = true_pos[b, j] - (tx[b, o], ty[b, o])
+        u = u / np.hypot(*u)
+        e = det.positions[b, j] - true_pos[b, j]
+        rows.append((b, round(float(np.hypot(h[i], k[i])), 2), e @ u, e[1] * u[0] - e[0] * u[1]))
     E = np.array(rows)
     th = thickness.ravel()[E[:, 0].astype(int)]
     orders = sorted(set(E[:, 1]))
@@ -88,17 +98,6 @@ def main(argv=None):
     if args.no_oracle:
         return
 
-    def matched(d):  # exact centre of the disk each detection belongs to (NaN if none within 2 px)
-        out = np.full(d.positions.shape, np.nan)
-        for b in range(len(P)):
-            T = np.stack([tx[b], ty[b]], -1)
-            for j in np.nonzero(d.valid[b])[0]:
-                dist = np.hypot(*(T - d.positions[b, j]).T)
-                i = int(np.nanargmin(dist))
-                if dist[i] <= 2:
-                    out[b, j] = T[i]
-        return out
-
     def strain_std(d):
         f = _fit(d, G0, o0, "auto")
         ok = f["status"] == 0
@@ -108,8 +107,8 @@ def main(argv=None):
     clean = nbed.simulate_nbed(z, z, z, z, dose=np.inf, **kw)
     Pc = clean.patterns.reshape(Y * X, *clean.patterns.shape[-2:])
     det_c = detect_disks(Pc, scan.calibration, method="subimage-cnn", lattice=(G0, o0, hk))
-    bias = det_c.positions - matched(det_c)  # per disk, at the same lattice-predicted slots
-    err = det.positions - matched(det)
+    bias = det_c.positions - matched(det_c)[0]  # per disk, at the same lattice-predicted slots
+    err = det.positions - true_pos
     fixed = dataclasses.replace(det, positions=det.positions - bias)
     rms = lambda a: float(np.sqrt(np.nanmean(a ** 2)))  # noqa: E731
     print("strain-free std of the lattice fit (subimage-cnn):")
