@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--no-thin-refine", action="store_true",
                     help="keep the rule's harmonic axes for thin patterns, without the least-squares geometry "
                          "refinement against the card's reference patterns")
+    ap.add_argument("--no-thin-measure", action="store_true",
+                    help="the general network's tilt for thin patterns too (no thin-crystal measurement network)")
     ap.add_argument("--large-batch", type=int, default=None,
                     help="also time this batch size (default: 4096 on CUDA, none on CPU)")
     args = ap.parse_args()
@@ -71,6 +73,8 @@ def main():
         pred.thin_rotation = None
     if args.no_thin_refine:
         pred.thin_refine = False
+    if args.no_thin_measure:
+        pred.use_thin_measure = False
     rng = np.random.default_rng(0)
     n = args.detector_px
     fixture = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout_sto_13.6mrad.npz"
@@ -95,7 +99,8 @@ def main():
           f"CPU: {platform.processor() or platform.machine()}")
     print(f"alignment: up to {pred.align_iterations} passes, last pass averaged over {pred.align_views} view(s); "
           f"thin-pattern axes rule {'on' if pred.thin_rotation else 'off'}, "
-          f"least-squares refinement {'on' if pred.thin_rotation and pred.thin_refine else 'off'}")
+          f"least-squares refinement {'on' if pred.thin_rotation and pred.thin_refine else 'off'}, "
+          f"thin-crystal tilt network {'on' if pred.use_thin_measure else 'off'}")
     r1 = timeit(lambda: pred.predict_batch(one), 1, args.seconds)
     r256 = timeit(lambda: pred.predict_batch(batch256), 256, args.seconds)
     large = args.large_batch or (4096 if default_device().type == "cuda" else None)

@@ -15,6 +15,10 @@ Columns (fraction within 1 deg, and in brackets 45 deg off = error > 22.5 deg):
 * shipped: the same, then the geometry of the thin patterns refined by least squares against the
   card's zero-tilt reference patterns (``predictor.thin_refine``); median errors of both.
 
+Then the tilt of the patterns thinner than 14 nm (both axes, in the frame the alignment chose) with
+the card's thin-crystal measurement network (``thin_measure``, shipped) and with the general network
+(``predictor.use_thin_measure = False``): fractions within 0.25 and 0.5 mrad and the misses (> 0.5 mrad).
+
 Then, over the whole test set per true-thickness band: the fraction of tilt (both axes) and thickness
 errors within 1 and 2 predicted standard deviations and the median tilt sigma, with the card's
 per-band temperatures (``calibration_temperatures.bands``, shipped) and with them disabled.
@@ -89,8 +93,30 @@ def main(argv=None):
         f"{lo:.0e}-{hi:.0e}: {np.mean(err_net[(dose >= lo) & (dose < hi)] > 22.5):.2f}"
         for lo, hi in ((1e6, 1e7), (1e7, 1e8), (1e8, 1e10))))
 
-    shipped_bands = pred.band_temperatures
     tt = test["thickness_nm"]
+    if pred.thin_measure_net is not None:
+        from diffkit.models.pacbed_eval import rotate90
+
+        sel = tt < 14
+        print(f"tilt of the {sel.sum()} patterns below 14 nm: within 0.25 / 0.5 mrad (misses > 0.5 mrad), "
+              f"thin-crystal network below {pred.thin_measure['below_nm']:g} nm predicted vs the general network")
+        res = {}
+        for name, use in (("thin-crystal network (shipped)", True), ("general network", False)):
+            pred.use_thin_measure = use
+            r = pred.predict_batch(test["patterns"][sel])
+            k = np.round((r["rotation_deg"] - test["rotation_deg"][sel]) / 90.0)
+            a, b = rotate90(r["tilt_x_mrad"], r["tilt_y_mrad"], k)
+            res[name] = (np.abs(a - test["tilt_x_mrad"][sel]), np.abs(b - test["tilt_y_mrad"][sel]))
+        pred.use_thin_measure = True
+        for lo, hi in ((0, 3), (3, 6), (6, 10), (10, 14)):
+            m = (tt[sel] >= lo) & (tt[sel] < hi)
+            line = f"  {lo:>3d}-{hi:<3d}nm n={m.sum():4d}:"
+            for name, (ea, eb) in res.items():
+                d = np.concatenate([ea[m], eb[m]])
+                line += f"  {name} {np.mean(d <= 0.25):.3f} / {np.mean(d <= 0.5):.3f} ({np.sum(d > 0.5)})"
+            print(line)
+
+    shipped_bands = pred.band_temperatures
     print(f"all {args.n} patterns; fraction of errors within 1 / 2 predicted sigma")
     for name, bands in (("per-band temperatures (shipped)", shipped_bands), ("one global temperature", None)):
         pred.band_temperatures = bands

@@ -73,7 +73,7 @@ def cmd_train(args):
 
         cfg = None
         if args.smoke:
-            cfg = TrainConfig(measure_steps=30, align_steps=20, batch_size=32)
+            cfg = TrainConfig(measure_steps=30, align_steps=20, batch_size=32, thin_measure_steps=10)
         elif args.measure_steps or args.align_steps or args.pixel_ratio or args.crop_fraction is not None:
             cfg = TrainConfig()
             cfg.measure_steps = args.measure_steps or cfg.measure_steps
@@ -84,6 +84,14 @@ def cmd_train(args):
                 cfg.crop_fraction = args.crop_fraction
         p = train_pacbed(args.material, args.zone, args.kv, args.convergence, out_dir=args.out, config=cfg,
                          smoke=args.smoke, cache_dir=args.cache)
+        print(f"model card: {p}")
+    elif args.what == "pacbed-thin":
+        from .models.registry import WEIGHTS_DIR
+        from .models.train import model_stem, train_thin_measure
+
+        folder = pathlib.Path(args.out) if args.out else WEIGHTS_DIR
+        p = train_thin_measure(folder / f"{model_stem(args.material, args.zone, args.kv, args.convergence)}.json",
+                               cache_dir=args.cache)
         print(f"model card: {p}")
     else:
         from .models.disks_training import main as train_disks
@@ -235,7 +243,9 @@ def main(argv=None):
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="train and package a model")
-    p.add_argument("what", choices=["pacbed", "disks"])
+    p.add_argument("what", choices=["pacbed", "pacbed-thin", "disks"],
+                   help="pacbed-thin: (re)train only the thin-pattern measurement network of a packaged PACBED "
+                        "model, then recalibrate and re-evaluate it")
     model_args(p)
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
     p.add_argument("--smoke", action="store_true", help="tiny library and a few steps (CI)")

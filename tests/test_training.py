@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffkit.models.pacbed_training import LibrarySampler
 from diffkit.models.train import train_pacbed
@@ -31,6 +32,10 @@ def test_smoke_training_packages_a_loadable_model(smoke_model):
     assert (card_path.parent / ref["file"]).exists() and pred.thin_refine
     lib = pred.thin_reference()
     assert lib.n_tilt == 1 and lib.thickness_nm.min() == ref["thickness_nm"][0]
+    # the thin-pattern measurement network is trained, packaged and loaded with its calibrated temperature
+    assert card["thin_measure"]["steps"] == card["training"]["thin_measure_steps"] > 0
+    assert pred.thin_measure_net is not None and pred.use_thin_measure
+    assert torch.equal(pred.thin_measure_net.temperature, pred.measure_net.temperature)
 
 
 def test_sampler_symmetry_ops_transform_labels(smoke_model):

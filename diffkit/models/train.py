@@ -21,9 +21,9 @@ from .. import __version__
 from ..sim.crystals import get_crystal
 from ..sim.pacbed import LibrarySpec, build_pacbed_library
 from .pacbed_eval import evaluate, make_test_set
-from .pacbed_training import (LibrarySampler, TrainConfig, calibrate_on_pipeline, calibrate_temperature, feature_statistics,
-                              thin_reference_patterns, thin_rotation_ring,
-                              train_align_net, train_measure_net)
+from .pacbed_training import (THIN_MEASURE_MARGIN_NM, LibrarySampler, TrainConfig, calibrate_on_pipeline,
+                              calibrate_temperature, feature_statistics, thin_reference_patterns, thin_rotation_ring,
+                              train_align_net, train_measure_net, train_thin_measure_net)
 from .registry import WEIGHTS_DIR
 
 
@@ -50,7 +50,7 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     """
     from safetensors.torch import save_file
 
-    cfg = config or (TrainConfig(measure_steps=30, align_steps=20, batch_size=32) if smoke else TrainConfig())
+    cfg = config or (TrainConfig(measure_steps=30, align_steps=20, batch_size=32, thin_measure_steps=10) if smoke else TrainConfig())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -68,10 +68,13 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     measure = train_measure_net(sampler, cfg, device=device, log=log)
     temps = calibrate_temperature(measure, sampler, cfg, n=512 if smoke else 2048, device=device)
     mu, icov, thr = feature_statistics(measure, sampler, cfg, n=512 if smoke else 4096, device=device)
+    thin, thin_card = _thin_measure_stage(measure, lib, train_t, cfg, device, log)
     t_train = time.perf_counter() - t0 - t_lib
     stem = model_stem(material, zone, energy_kv, convergence_mrad)
     sd = {f"align.{k}": v.detach().cpu().contiguous() for k, v in align.state_dict().items()}
     sd.update({f"measure.{k}": v.detach().cpu().contiguous() for k, v in measure.state_dict().items()})
+    if thin is not None:
+        sd.update({f"thin_measure.{k}": v.detach().cpu().contiguous() for k, v in thin.state_dict().items()})
     sd["ood.mu"] = mu.contiguous()
     sd["ood.icov"] = icov.contiguous()
     weights = out_dir / f"{stem}.safetensors"
@@ -100,6 +103,8 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
         "date": datetime.date.today().isoformat(),
         "smoke": bool(smoke),
     }
+    if thin_card:
+        card["thin_measure"] = thin_card
     card_path = out_dir / f"{stem}.json"
     card_path.write_text(json.dumps(card, indent=1))
     recalibrate(card_path, lib=lib, config=cfg, n=512 if smoke else 4096, device=device)
@@ -114,6 +119,68 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     card["held_out"] = rep
     card["held_out"]["command"] = f"diffkit evaluate pacbed --convergence {convergence_mrad:g} --n {n_test}"
     card_path.write_text(json.dumps(card, indent=1))
+    log(json.dumps({k: v for k, v in rep.items() if not isinstance(v, dict)}, indent=1))
+    return card_path
+
+
+def _thin_measure_stage(measure, lib, train_t, cfg: TrainConfig, device, log):
+    """Fine-tune the thin-pattern measurement network (none when ``cfg.thin_measure_steps`` is 0 or the
+    library has too few thin thicknesses): (network, model-card entry)."""
+    thin_t = train_t[train_t <= cfg.thin_measure_max_nm]
+    if cfg.thin_measure_steps <= 0 or len(thin_t) < 3:
+        return None, None
+    t0 = time.perf_counter()
+    net = train_thin_measure_net(measure, LibrarySampler(lib, thin_t), cfg, device=device, log=log)
+    entry = {"below_nm": float(min(thin_t.max(), cfg.thin_measure_max_nm) - THIN_MEASURE_MARGIN_NM),
+             "training_thickness_nm": [float(thin_t.min()), float(thin_t.max())],
+             "steps": cfg.thin_measure_steps, "lr": cfg.thin_measure_lr, "seed": cfg.seed + 17,
+             "residual_scale": cfg.thin_measure_residual_scale, "seconds": round(time.perf_counter() - t0, 1),
+             "note": "the measurement network fine-tuned on thin crystals; gives the tilt of patterns the general "
+                     "network finds thinner than below_nm (thickness, features and OOD stay the general network's)"}
+    return net, entry
+
+
+def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int = 2000, cache_dir=None, device=None,
+                       log=print):
+    """Add (or redo) the thin-pattern measurement network of a packaged model from its own measurement
+    network, then recalibrate it end to end and re-evaluate it on the held-out set (``diffkit train
+    pacbed-thin``). Returns the model card path."""
+    from safetensors.torch import load_file, save_file
+
+    from ..pacbed.networks import MeasureNet
+    from ..pacbed.predictor import _CACHE, load_predictor_file
+
+    card_path = pathlib.Path(card_path)
+    card = json.loads(card_path.read_text())
+    cfg = config or TrainConfig(seed=card["training"]["seed"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lib = build_pacbed_library(default_spec(card["material"], card["zone_axis"], card["beam_energy_kv"],
+                                            card["convergence_mrad"], smoke=card.get("smoke", False)),
+                               cache_dir=cache_dir, progress=False)
+    th = np.asarray(lib["thickness_nm"].values)
+    train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
+    weights = card_path.with_suffix(".safetensors")
+    sd = load_file(str(weights))
+    base = MeasureNet(sd["measure.thickness_bins"], sd["measure.tilt_bins"], n_px=card["geometry"]["n_px"])
+    base.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("measure.")})
+    thin, entry = _thin_measure_stage(base.to(device), lib, train_t, cfg, device, log)
+    if thin is None:
+        raise ValueError("no thin-pattern network: thin_measure_steps is 0 or the library has too few thin thicknesses")
+    sd = {k: v for k, v in sd.items() if not k.startswith("thin_measure.")}
+    sd.update({f"thin_measure.{k}": v.detach().cpu().contiguous() for k, v in thin.state_dict().items()})
+    save_file(sd, str(weights))
+    card["thin_measure"] = entry
+    card["training"].update({k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("thin_measure")})
+    card_path.write_text(json.dumps(card, indent=1))
+    recalibrate(card_path, lib=lib, config=cfg, n=512 if card.get("smoke") else 4096, device=device)
+    card = json.loads(card_path.read_text())
+    _CACHE.clear()
+    rep, _ = evaluate(load_predictor_file(card_path, device=device), make_test_set(lib, n=200 if card.get("smoke") else n_test))
+    card["held_out"] = dict(rep, command=f"diffkit evaluate pacbed --convergence {card['convergence_mrad']:g} --n {n_test}")
+    card_path.write_text(json.dumps(card, indent=1))
+    _CACHE.clear()
     log(json.dumps({k: v for k, v in rep.items() if not isinstance(v, dict)}, indent=1))
     return card_path
 
@@ -156,7 +223,7 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
                      "library_key": str(lib.attrs.get("spec_key", "")),
                      "note": "zero-tilt library patterns (library frame) the geometry of thin patterns is refined "
                              "against by least squares (PacbedPredictor.refine_thin_geometry)"}
-    (temps, bands), table, rotation, thin = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n,
+    (temps, bands), table, rotation, thin, size_bias = calibrate_on_pipeline(pred, LibrarySampler(lib, train_t), cfg, n=n,
                                                                   device=device, thin_rule=thin,
                                                                   thin_reference=ref_lib)
     if thin and reference:
@@ -167,12 +234,15 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
     sd["measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
+    if "thin_measure.temperature" in sd:
+        sd["thin_measure.temperature"] = torch.tensor(temps, dtype=torch.float32)
     save_file(sd, str(weights))
     card["calibration_temperatures"] = {"thickness": temps[0], "tilt": temps[1],
                                         "method": "68 % / 95 % interval coverage, raw frames through the full pipeline",
                                         "n": n, "bands": bands}
     card["ood"]["pattern_statistics"] = table
     card["rotation_uncertainty"] = rotation
+    card["size_bias"] = size_bias
     if thin:
         card["thin_rotation"] = thin
     else:
