@@ -352,3 +352,29 @@ def test_thin_patterns_take_their_tilt_from_the_thin_crystal_network(predictor, 
         return np.abs(np.concatenate([(tx - heldout["tilt_x_mrad"])[thin], (ty - heldout["tilt_y_mrad"])[thin]]))
 
     assert err(heldout_pred).mean() < err(general).mean()
+
+
+def test_calibration_curves_detect_over_and_under_confidence():
+    """Interval coverage of binned distributions (the calibration plots of ``diffkit evaluate --plot``):
+    truths drawn from the predicted distribution itself are covered at the nominal levels, truths
+    spread twice as wide are covered less (over-confident), half as wide more (conservative)."""
+    from diffkit.models.pacbed_eval import interval_coverage
+    from diffkit.pacbed.plots import plot_calibration
+
+    bins = np.arange(0.0, 40.0, 0.5)
+    rng = np.random.default_rng(3)
+    n, sigma = 3000, 1.5
+    mu = rng.uniform(10, 30, n)
+    p = np.exp(-0.5 * ((bins[None] - mu[:, None]) / sigma) ** 2)
+    p /= p.sum(1, keepdims=True)
+    levels = (0.3, 0.68, 0.95)
+    cov = interval_coverage(p, bins, mu + rng.normal(0, sigma, n), levels)
+    assert np.all(np.abs(cov - levels) < 0.03)
+    assert np.all(interval_coverage(p, bins, mu + rng.normal(0, 2 * sigma, n), levels) < np.array(levels) - 0.05)
+    assert np.all(interval_coverage(p, bins, mu + rng.normal(0, sigma / 2, n), levels)[:2] > np.array(levels[:2]) + 0.1)
+    # a floor widens the intervals (to at least z * floor each side)
+    assert np.all(interval_coverage(p, bins, mu + rng.normal(0, 2 * sigma, n), levels, floor=3.0)
+                  > interval_coverage(p, bins, mu + rng.normal(0, 2 * sigma, n), levels))
+    curves = {"levels": list(levels), "thickness": cov.tolist(), "tilt": cov.tolist(), "n": n, "bands": {}}
+    fig = plot_calibration(curves)
+    assert len(fig.axes) == 2

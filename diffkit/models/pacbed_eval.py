@@ -19,8 +19,13 @@ TEST_RANGES = DetectorRanges(log10_dose=(6.0, 9.0), noiseless_fraction=0.0, back
 
 
 def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pixel_ratio: float = 0.7,
-                  ranges: DetectorRanges = TEST_RANGES, held_out: bool = True):
-    """Raw detector patterns with ground truth (dict of numpy arrays)."""
+                  ranges: DetectorRanges = TEST_RANGES, held_out: bool = True, continuous: bool = False):
+    """Raw detector patterns with ground truth (dict of numpy arrays).
+
+    ``continuous``: thicknesses drawn uniformly between the held-out (half-nm) library thicknesses,
+    patterns linearly interpolated between the two neighbouring held-out ones (never a training
+    pattern), instead of the library thicknesses themselves; tilts stay on the library grid.
+    """
     th = np.asarray(lib["thickness_nm"].values)
     test_t = th[np.abs(th - np.round(th)) > 0.25] if held_out else th
     sampler = LibrarySampler(lib, test_t)
@@ -28,7 +33,7 @@ def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pix
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    pats, t, tx, ty = sampler.draw(n, rng, interpolate=False)
+    pats, t, tx, ty = sampler.draw(n, rng, interpolate=continuous)
     p = random_params(n, rng, ranges)
     x = apply_detector(pats, p, out_px=out_px, pixel_ratio=pixel_ratio, generator=gen).numpy()
     R = float(lib.attrs["disk_radius_px"])
@@ -52,14 +57,22 @@ def rotate90(tx, ty, k):
     return c * tx - s * ty, s * tx + c * ty
 
 
-def evaluate(predictor, test: dict, batch: int = 256) -> dict:
-    """Accuracy table of ``predictor`` on a test set from :func:`make_test_set`."""
-    outs = []
+def evaluate(predictor, test: dict, batch: int = 256, distributions: bool = False) -> dict:
+    """Accuracy table of ``predictor`` on a test set from :func:`make_test_set`: ``(report, predictions)``.
+    With ``distributions`` the predictions include ``p_thickness``, ``p_tilt_x``, ``p_tilt_y`` (B, K) and
+    their bin centres (for :func:`coverage_curves`)."""
+    outs, bins = [], {}
     for s in range(0, len(test["patterns"]), batch):
-        r = predictor.predict_batch(test["patterns"][s:s + batch])
+        r = predictor.predict_batch(test["patterns"][s:s + batch], return_distributions=distributions)
         r.pop("alternatives")
+        r.pop("canonical", None)
+        for k in ("thickness_bins_nm", "tilt_bins_mrad"):
+            if k in r:
+                bins[k] = r.pop(k)
         outs.append(r)
     pred = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    pred.update(bins)
+    pred["resolution_floor"] = getattr(predictor, "resolution_floor", (0.0, 0.0))
     t, tx, ty = test["thickness_nm"], test["tilt_x_mrad"], test["tilt_y_mrad"]
     dt = np.abs(pred["thickness_nm"] - t)
     # tilt is compared in the detector frame: the crystal's [100] and [010] are equivalent
@@ -113,3 +126,68 @@ def evaluate(predictor, test: dict, batch: int = 256) -> dict:
                 "n": int(m.sum()), "within_1nm": frac(dt[m], 1.0), "within_2nm": frac(dt[m], 2.0),
                 "tilt_within_0.25mrad": frac(np.concatenate([dtx[m], dty[m]]), 0.25)}
     return rep, pred
+
+
+#: nominal central-interval levels of the calibration curves
+COVERAGE_LEVELS = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2)) + (0.99,)
+
+
+def interval_coverage(p, bins, truth, levels=COVERAGE_LEVELS, floor: float = 0.0) -> np.ndarray:
+    """Observed fraction of ``truth`` inside the central ``level`` interval of each binned distribution.
+
+    ``p`` (B, K) probabilities over bin centres ``bins`` (K,), ``truth`` (B,). Intervals are the
+    predictor's: quantiles of the binned distribution, each end moved out to at least ``z * floor``
+    from the mean in quadrature (z the normal quantile of the level), as for the reported 68 % / 95 %
+    intervals. Returns (len(levels),) fractions; a calibrated predictor gives ``levels`` back.
+
+    >>> bins = np.linspace(-5, 5, 201)
+    >>> rng = np.random.default_rng(0)
+    >>> p = np.tile(np.exp(-bins**2 / 2), (4000, 1)); p /= p.sum(1, keepdims=True)
+    >>> cov = interval_coverage(p, bins, rng.normal(size=4000), levels=(0.5, 0.9))
+    >>> bool(np.all(np.abs(cov - [0.5, 0.9]) < 0.03))
+    True
+    """
+    import torch
+    from scipy.stats import norm
+
+    from ..pacbed.predictor import _quantile, _widen
+
+    pt = torch.as_tensor(np.asarray(p, dtype=np.float64))
+    bt = torch.as_tensor(np.asarray(bins, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(truth, dtype=np.float64))
+    mean = (pt * bt).sum(-1)
+    out = []
+    for q in levels:
+        z = float(norm.ppf(0.5 + q / 2))
+        lo = _widen(_quantile(pt, bt, 0.5 - q / 2), mean, floor, -z)
+        hi = _widen(_quantile(pt, bt, 0.5 + q / 2), mean, floor, z)
+        out.append(float(((y >= lo) & (y <= hi)).double().mean()))
+    return np.array(out)
+
+
+def coverage_curves(pred: dict, test: dict, levels=COVERAGE_LEVELS,
+                    bands_nm=((0.0, 10.0), (10.0, np.inf))) -> dict:
+    """Calibration curves (observed vs nominal interval coverage) of thickness and tilt on a test set.
+
+    ``pred`` from :func:`evaluate` with ``distributions=True``. Tilt truths are expressed in the
+    crystal axes the alignment chose (the 4mm-equivalent frame of the predicted distributions);
+    both tilt axes pooled. Returns ``{"levels", "thickness", "tilt", "bands": {name: {...}}, "n"}``.
+    """
+    t = test["thickness_nm"]
+    k = np.round((pred["rotation_deg"] - test["rotation_deg"]) / 90.0)
+    tx, ty = rotate90(test["tilt_x_mrad"], test["tilt_y_mrad"], -k)  # truth in the predicted frame
+    ft, fa = pred.get("resolution_floor", (0.0, 0.0))
+    tb, ab = pred["thickness_bins_nm"], pred["tilt_bins_mrad"]
+
+    def curves(m):
+        return {"thickness": interval_coverage(pred["p_thickness"][m], tb, t[m], levels, ft).tolist(),
+                "tilt": interval_coverage(np.concatenate([pred["p_tilt_x"][m], pred["p_tilt_y"][m]]), ab,
+                                          np.concatenate([tx[m], ty[m]]), levels, fa).tolist(),
+                "n": int(m.sum())}
+
+    out = {"levels": [float(v) for v in levels], **curves(np.ones(len(t), bool)), "bands": {}}
+    for lo, hi in bands_nm:
+        m = (t >= lo) & (t < hi)
+        if m.any():
+            out["bands"][f"{lo:g}-{hi:g} nm" if np.isfinite(hi) else f">= {lo:g} nm"] = curves(m)
+    return out

@@ -19,6 +19,29 @@ def _axes(ax, ncols=1, figsize=None):
     return fig, axs[0]
 
 
+def plot_calibration(curves: dict, title: str | None = None, ax=None):
+    """Calibration plot: observed vs nominal coverage of the central intervals, thickness and tilt,
+    all patterns (solid) and per thickness band (dashed / dotted); the diagonal is perfect calibration,
+    above it conservative.
+
+    ``curves`` from :func:`diffkit.models.pacbed_eval.coverage_curves`.
+    """
+    fig, axs = _axes(ax, ncols=2, figsize=(8.4, 3.6))
+    lv = np.asarray(curves["levels"])
+    styles = ["--", ":", "-."]
+    for a, q in zip(axs, ("thickness", "tilt")):
+        a.plot([0, 1], [0, 1], color="0.6", lw=1)
+        a.plot(lv, curves[q], "o-", ms=3, label=f"all (n = {curves['n']})")
+        for (name, c), ls in zip(curves.get("bands", {}).items(), styles):
+            a.plot(lv, c[q], ls, label=f"{name} (n = {c['n']})")
+        a.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="nominal coverage of the central interval",
+              ylabel="observed coverage")
+        a.set_title(q if title is None else f"{title}: {q}", fontsize=9)
+        a.set_aspect("equal")
+        a.legend(fontsize=7, loc="lower right")
+    return fig
+
+
 def plot_mask_sensitivity(ds, quantity: str = "thickness", against: str = "unmasked", by_range: bool = False,
                           tolerance=None, ax=None):
     """Match rate versus band-pass mask position (seed Figs. 5, 6).
