@@ -55,3 +55,33 @@ def test_sampler_symmetry_ops_transform_labels(smoke_model):
     bal = (pats[big] * np.sign(xx)[None, None, :]).sum(axis=(1, 2))
     agree = np.sign(bal) == np.sign(tx[big])
     assert agree.mean() > 0.9 or agree.mean() < 0.1  # consistent sign convention either way
+
+
+def test_thin_network_can_be_redone_on_a_packaged_model(smoke_model, tmp_path):
+    """``diffkit train pacbed-thin``: the thin-crystal network is fine-tuned again from the packaged
+    measurement network, the model recalibrated and re-evaluated, and the weights reload safely."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from diffkit.models.pacbed_training import TrainConfig
+    from diffkit.models.train import train_thin_measure
+
+    card_path, cache = smoke_model
+    for f in card_path.parent.iterdir():  # a copy: the other tests keep the fixture's model
+        shutil.copy(f, tmp_path / f.name)
+    path = tmp_path / card_path.name
+    before = load_file(str(path.with_suffix(".safetensors")))
+    cfg = TrainConfig(seed=json.loads(path.read_text())["training"]["seed"], batch_size=16, thin_measure_steps=3,
+                      thin_measure_lr=1e-2)
+    train_thin_measure(path, config=cfg, cache_dir=cache, device="cpu", n_test=200, log=lambda *a: None)
+    card = json.loads(path.read_text())
+    after = load_file(str(path.with_suffix(".safetensors")))
+    assert card["thin_measure"]["steps"] == 3 and card["held_out"]["n"] == 200
+    # only the thin-crystal network changed; the general networks are untouched
+    assert not torch.equal(after["thin_measure.backbone.conv.0.0.weight"], before["thin_measure.backbone.conv.0.0.weight"])
+    for k in ("measure.backbone.conv.0.0.weight", "align.backbone.conv.0.0.weight"):
+        assert torch.equal(after[k], before[k])
+    pred = load_predictor_file(path, device="cpu")
+    assert pred.thin_measure_net is not None
+    assert pred.predict_batch(np.random.default_rng(0).poisson(50, (2, 48, 48)).astype(np.float32))["thickness_nm"].shape == (2,)
