@@ -60,7 +60,7 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     t0 = time.perf_counter()
     lib = build_pacbed_library(spec, cache_dir=cache_dir, progress=not smoke)
     th = np.asarray(lib["thickness_nm"].values)
-    train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
+    train_t = training_thicknesses(lib, cfg)
     sampler = LibrarySampler(lib, train_t)
     log(f"library {lib.attrs['spec_key']}: {lib['pattern'].shape}, training thicknesses {len(train_t)}")
     t_lib = time.perf_counter() - t0
@@ -108,19 +108,38 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     card_path = out_dir / f"{stem}.json"
     card_path.write_text(json.dumps(card, indent=1))
     recalibrate(card_path, lib=lib, config=cfg, n=512 if smoke else 4096, device=device)
-    card = json.loads(card_path.read_text())
-    # held-out evaluation with the packaged files, exactly as users load them
+    evaluate_packaged(card_path, lib, n_test=n_test, device=device, log=log)
+    return card_path
+
+
+def training_thicknesses(lib, cfg: TrainConfig) -> np.ndarray:
+    """The library thicknesses (nm) training uses: those on the ``cfg.train_thickness_step_nm`` grid."""
+    th = np.asarray(lib["thickness_nm"].values)
+    return th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
+
+
+def card_library(card: dict, cache_dir=None):
+    """The simulation library a model card was trained on (built or loaded from the cache)."""
+    return build_pacbed_library(default_spec(card["material"], card["zone_axis"], card["beam_energy_kv"],
+                                             card["convergence_mrad"], smoke=card.get("smoke", False)),
+                                cache_dir=cache_dir, progress=False)
+
+
+def evaluate_packaged(card_path, lib, n_test: int = 2000, device=None, log=print) -> dict:
+    """Held-out evaluation of the packaged files, exactly as users load them; the table (and the command
+    that reproduces it) is written into the model card. Returns the table."""
     from ..pacbed.predictor import _CACHE, load_predictor_file
 
+    card_path = pathlib.Path(card_path)
+    card = json.loads(card_path.read_text())
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
-    test = make_test_set(lib, n=200 if smoke else n_test)
-    rep, _ = evaluate(pred, test)
+    rep, _ = evaluate(pred, make_test_set(lib, n=200 if card.get("smoke") else n_test))
+    rep["command"] = f"diffkit evaluate pacbed --convergence {card['convergence_mrad']:g} --n {n_test}"
     card["held_out"] = rep
-    card["held_out"]["command"] = f"diffkit evaluate pacbed --convergence {convergence_mrad:g} --n {n_test}"
     card_path.write_text(json.dumps(card, indent=1))
     log(json.dumps({k: v for k, v in rep.items() if not isinstance(v, dict)}, indent=1))
-    return card_path
+    return rep
 
 
 def _thin_measure_stage(measure, lib, train_t, cfg: TrainConfig, device, log):
@@ -148,7 +167,6 @@ def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int
     from safetensors.torch import load_file, save_file
 
     from ..pacbed.networks import MeasureNet
-    from ..pacbed.predictor import _CACHE, load_predictor_file
 
     card_path = pathlib.Path(card_path)
     card = json.loads(card_path.read_text())
@@ -156,15 +174,11 @@ def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lib = build_pacbed_library(default_spec(card["material"], card["zone_axis"], card["beam_energy_kv"],
-                                            card["convergence_mrad"], smoke=card.get("smoke", False)),
-                               cache_dir=cache_dir, progress=False)
-    th = np.asarray(lib["thickness_nm"].values)
-    train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
+    lib = card_library(card, cache_dir)
+    train_t = training_thicknesses(lib, cfg)
     weights = card_path.with_suffix(".safetensors")
     sd = load_file(str(weights))
-    base = MeasureNet(sd["measure.thickness_bins"], sd["measure.tilt_bins"], n_px=card["geometry"]["n_px"])
-    base.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("measure.")})
+    base = MeasureNet.from_state_dict(sd, "measure.", n_px=card["geometry"]["n_px"])
     thin, entry = _thin_measure_stage(base.to(device), lib, train_t, cfg, device, log)
     if thin is None:
         raise ValueError("no thin-pattern network: thin_measure_steps is 0 or the library has too few thin thicknesses")
@@ -175,13 +189,7 @@ def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int
     card["training"].update({k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("thin_measure")})
     card_path.write_text(json.dumps(card, indent=1))
     recalibrate(card_path, lib=lib, config=cfg, n=512 if card.get("smoke") else 4096, device=device)
-    card = json.loads(card_path.read_text())
-    _CACHE.clear()
-    rep, _ = evaluate(load_predictor_file(card_path, device=device), make_test_set(lib, n=200 if card.get("smoke") else n_test))
-    card["held_out"] = dict(rep, command=f"diffkit evaluate pacbed --convergence {card['convergence_mrad']:g} --n {n_test}")
-    card_path.write_text(json.dumps(card, indent=1))
-    _CACHE.clear()
-    log(json.dumps({k: v for k, v in rep.items() if not isinstance(v, dict)}, indent=1))
+    evaluate_packaged(card_path, lib, n_test=n_test, device=device, log=log)
     return card_path
 
 
@@ -198,11 +206,8 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
     cfg = config or TrainConfig(seed=card["training"]["seed"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lib is None:
-        lib = build_pacbed_library(default_spec(card["material"], card["zone_axis"], card["beam_energy_kv"],
-                                                card["convergence_mrad"], smoke=card.get("smoke", False)),
-                                   cache_dir=cache_dir, progress=False)
-    th = np.asarray(lib["thickness_nm"].values)
-    train_t = th[np.abs(th / cfg.train_thickness_step_nm - np.round(th / cfg.train_thickness_step_nm)) < 1e-6]
+        lib = card_library(card, cache_dir)
+    train_t = training_thicknesses(lib, cfg)
     _CACHE.clear()
     pred = load_predictor_file(card_path, device=device)
     thin = thin_rotation_ring(lib, card["material"], card["zone_axis"], card["beam_energy_kv"], card["convergence_mrad"])
@@ -247,7 +252,6 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
         card["thin_rotation"] = thin
     else:
         card.pop("thin_rotation", None)
-    tb = sd["measure.thickness_bins"]
     card["resolution_floor"] = {
         # thickness labels are continuous in training (patterns interpolated between library thicknesses)
         # and the temperatures are fitted on continuous thicknesses: no floor (a bin-width floor of

@@ -89,6 +89,13 @@ class MeasureNet(nn.Module):
         self.tilt_x_head = nn.Linear(f, len(tilt_bins))
         self.tilt_y_head = nn.Linear(f, len(tilt_bins))
 
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "", n_px: int = 96) -> "MeasureNet":
+        """The network stored under ``prefix`` (e.g. ``"measure."``) in a packaged state dict."""
+        net = cls(sd[prefix + "thickness_bins"], sd[prefix + "tilt_bins"], n_px=n_px)
+        net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        return net
+
     def forward(self, x, return_features: bool = False):
         h = self.backbone(x)
         out = {

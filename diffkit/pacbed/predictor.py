@@ -631,12 +631,10 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
     g = card["geometry"]
     align = AlignNet(n_px=g["n_px"])
     align.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("align.")})
-    measure = MeasureNet(sd["measure.thickness_bins"], sd["measure.tilt_bins"], n_px=g["n_px"])
-    measure.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("measure.")})
+    measure = MeasureNet.from_state_dict(sd, "measure.", n_px=g["n_px"])
     thin = None
     if card.get("thin_measure") and any(k.startswith("thin_measure.") for k in sd):
-        thin = MeasureNet(sd["thin_measure.thickness_bins"], sd["thin_measure.tilt_bins"], n_px=g["n_px"])
-        thin.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith("thin_measure.")})
+        thin = MeasureNet.from_state_dict(sd, "thin_measure.", n_px=g["n_px"])
     # inference only: BatchNorm folded into the convolutions, channels-last layout (oneDNN / cuDNN
     # pick faster kernels; measured ~1.3x on a 2-core CPU, same outputs to 1e-4 nm)
     for net in (align, measure, thin):
