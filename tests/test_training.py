@@ -85,3 +85,14 @@ def test_thin_network_can_be_redone_on_a_packaged_model(smoke_model, tmp_path):
     pred = load_predictor_file(path, device="cpu")
     assert pred.thin_measure_net is not None
     assert pred.predict_batch(np.random.default_rng(0).poisson(50, (2, 48, 48)).astype(np.float32))["thickness_nm"].shape == (2,)
+
+
+def test_thin_network_needs_a_packaged_model_and_test_sets_need_patterns(tmp_path):
+    from diffkit.errors import BadInputError, ModelNotFoundError
+    from diffkit.models.pacbed_eval import make_test_set
+    from diffkit.models.train import train_thin_measure
+
+    with pytest.raises(ModelNotFoundError, match="train one first"):
+        train_thin_measure(tmp_path / "pacbed_missing.json")
+    with pytest.raises(BadInputError, match="at least one pattern"):
+        make_test_set(None, n=0)

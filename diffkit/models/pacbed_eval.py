@@ -26,6 +26,10 @@ def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pix
     patterns linearly interpolated between the two neighbouring held-out ones (never a training
     pattern), instead of the library thicknesses themselves; tilts stay on the library grid.
     """
+    if int(n) < 1:
+        from ..errors import BadInputError
+
+        raise BadInputError(f"a test set needs at least one pattern, got n={n}")
     th = np.asarray(lib["thickness_nm"].values)
     test_t = th[np.abs(th - np.round(th)) > 0.25] if held_out else th
     sampler = LibrarySampler(lib, test_t)

@@ -168,7 +168,11 @@ def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int
 
     from ..pacbed.networks import MeasureNet
 
+    from ..errors import ModelNotFoundError
+
     card_path = pathlib.Path(card_path)
+    if not card_path.exists():
+        raise ModelNotFoundError(f"no packaged PACBED model at {card_path}: train one first (diffkit train pacbed)")
     card = json.loads(card_path.read_text())
     cfg = config or TrainConfig(seed=card["training"]["seed"])
     if cfg.threads:
