@@ -134,10 +134,12 @@ def run_diffkit(scan, ref, args):
     import torch
 
     from diffkit.strain import detect_disks, map_strain
-    from diffkit.strain.detect import load_disk_models
+    from diffkit.strain.detect import load_disk_models, select_disk_models
 
-    models = load_disk_models(device=args.device)
-    res = {}
+    models = (load_disk_models(args.model, device=args.device) if args.model
+              else select_disk_models(scan.calibration, device=args.device))
+    print(f"diffkit disk model: {models.card.get('id')}")
+    res = {"model": models.card.get("id")}
     N = scan.patterns.shape[0] * scan.patterns.shape[1]
     data = scan.patterns.astype(np.float32)
     for method in args.methods:
@@ -255,6 +257,9 @@ def main(argv=None):
     ap.add_argument("--upsample", nargs="+", type=int, default=[16, 32])
     ap.add_argument("--py4dstem-python", default=None, help="python of a venv with py4DSTEM 0.14 (default: create one)")
     ap.add_argument("--no-py4dstem", action="store_true")
+    ap.add_argument("--model", default=None,
+                    help="diffkit disk model (e.g. disks_nbed, the general one); default: chosen from the scan's "
+                         "calibration (diffkit.strain.detect.select_disk_models)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="strain_benchmark.json")

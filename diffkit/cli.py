@@ -96,7 +96,9 @@ def cmd_train(args):
     else:
         from .models.disks_training import main as train_disks
 
-        train_disks(out_dir=args.out, smoke=args.smoke)
+        spec = (args.material, args.zone, args.kv, args.convergence) if args.specialise else None
+        card = train_disks(out_dir=args.out, smoke=args.smoke, specialise=spec, radius_px=args.disk_radius)
+        print(f"model card: {card['id']}.json")
 
 
 def cmd_evaluate(args):
@@ -278,6 +280,13 @@ def main(argv=None):
     p.add_argument("--crop-fraction", type=float, default=None,
                    help="fraction of training frames on a detector smaller than the field of view")
     p.add_argument("--align-steps", type=int, default=None)
+    p.add_argument("--specialise", action="store_true",
+                   help="disks: fine-tune the sub-image CNN for one crystal and probe (--material, --zone, --kv, "
+                        "--convergence; e.g. --material Si --zone 001 --kv 200 --convergence 2) instead of training "
+                        "the general model (~15 min on 2 CPU cores)")
+    p.add_argument("--disk-radius", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="disks --specialise: disk radii on the detector (px) to train for (default 4-6.5; disks "
+                        "larger than 8.5 px are binned 2x before detection)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="reproduce a shipped model's held-out accuracy table")

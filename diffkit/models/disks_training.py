@@ -77,12 +77,18 @@ class DiskTrainConfig:
     af_cpu_s: float = 840.0
     si_cpu_s: float = 600.0
     threads: int | None = None
+    small_tables: bool = False  # coarse, fast disk-intensity tables (smoke runs and tests only)
 
 
 def training_tables(cfg: DiskTrainConfig, progress=False):
     """Disk-intensity tables of the training crystals (cached on disk after the first call)."""
+    from ..strain.nbed import small_table_spec
+
     tabs = []
     for mat, zone, kv in cfg.crystals:
+        if cfg.small_tables:
+            tabs.append(disk_intensity_table(small_table_spec(mat, zone, kv, strain_order=0), progress=progress))
+            continue
         spec = NBEDTableSpec(crystal=get_crystal(mat, zone), energy_kv=kv, q_max_mrad=4.0, q_step_mrad=0.2,
                              thickness_nm=tuple(np.arange(10.0, 250.01, 2.5)), g_max=1.5, g_out_mrad=40.0,
                              strain_order=0)
@@ -389,8 +395,9 @@ def draw_subimages(smp, idx, rng, cfg: DiskTrainConfig, gen, dose=None, sigma_px
     return x[:, None].float(), torch.as_tensor(np.ascontiguousarray(tgt), dtype=torch.float32), counts
 
 
-def train_subimage(samples, cfg: DiskTrainConfig, rng, gen, device="cpu", log=print):
-    net = SubImageDiskNet(cfg.si).to(device)
+def train_subimage(samples, cfg: DiskTrainConfig, rng, gen, device="cpu", log=print, net=None):
+    """Train (or, given ``net``, fine-tune) the sub-image CNN until ``si_steps`` or ``si_cpu_s``."""
+    net = (net if net is not None else SubImageDiskNet(cfg.si)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.si_lr, weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -500,23 +507,67 @@ def evaluate(models, pool: Pool, cfg: DiskTrainConfig, rng, gen, dose=None, thre
 DETECTION_THRESHOLD = 0.6
 
 
-def held_out_evaluation(models, tables, cfg: DiskTrainConfig, threshold: float = DETECTION_THRESHOLD) -> dict:
+def held_out_evaluation(models, tables, cfg: DiskTrainConfig, threshold: float = DETECTION_THRESHOLD,
+                        alpha_mrad: float = 2.0, n_patterns=(512, 256)) -> dict:
     """Recall/precision and centre errors on patterns drawn with seed ``cfg.seed + 1`` (never used in training).
 
-    ``random_conditions``: the training distribution (512 patterns, 96 px); ``si001_*``: Si [001]
-    at 200 kV, alpha = 2 mrad, 5 px disks, unrotated, unstrained, 128 px, at three doses.
+    ``random_conditions``: the training distribution (``n_patterns[0]`` patterns, 96 px);
+    ``<crystal>_*``: the first training crystal (Si [001] at 200 kV for the general model) at
+    ``alpha_mrad``, 5 px disks, unrotated, unstrained, 128 px, at three doses (``n_patterns[1]``).
     """
     ev_rng = np.random.default_rng(cfg.seed + 1)
     ev_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    mat, zone, _ = cfg.crystals[0]
     with torch.inference_mode():
-        held = render_pool(tables, 512, ev_rng, cfg)
+        held = render_pool(tables, n_patterns[0], ev_rng, cfg)
         ev = {"threshold": threshold, "random_conditions": evaluate(models, held, cfg, ev_rng, ev_gen, threshold=threshold)}
-        si001 = render_pool(tables[:1], 256, ev_rng, cfg, H=128,
-                            conditions={"table": 0, "alpha": 2.0, "radius": 5.0, "rotation": 0.0, "strain": (0.0, 0.0, 0.0)})
+        one = render_pool(tables[:1], n_patterns[1], ev_rng, cfg, H=128, conditions={
+            "table": 0, "alpha": alpha_mrad, "radius": 5.0, "rotation": 0.0, "strain": (0.0, 0.0, 0.0)})
         for d in (1e5, 5e5, 2e6):
-            ev[f"si001_alpha2mrad_r5px_dose{d:.0e}"] = evaluate(models, si001, cfg, ev_rng, ev_gen, dose=d,
-                                                               threshold=threshold)
+            ev[f"{mat.lower()}{zone}_alpha{alpha_mrad:g}mrad_r5px_dose{d:.0e}"] = evaluate(
+                models, one, cfg, ev_rng, ev_gen, dose=d, threshold=threshold)
     return ev
+
+
+def offset_gain(subimage_net, tables, cfg: DiskTrainConfig, seed: int, n_patterns: int = 256,
+                min_counts: float = 1e4) -> dict:
+    """Calibrate the slope of the sub-image CNN's offsets against the true offsets.
+
+    A network trained with a squared error answers with the posterior mean, which shrinks the
+    offset of the disk from the sub-image centre (px) towards zero; :func:`detect_disks`
+    divides its offsets by this slope so that small displacements (e.g. 1 % strain) are not
+    scaled down. Measured on ``n_patterns`` patterns of the training distribution drawn with
+    ``seed`` (never used in training), sub-images cut as in the last pass of
+    :func:`diffkit.strain.detect.detect_disks` (the window's centre pixel holds the disk
+    centre, so the offsets lie within +-0.5 px), the network evaluated as in :func:`diffkit.strain.detect.detect_disks` (the sub-image and its
+    180-degree rotation averaged), disks with >= ``min_counts`` counts, at the training doses
+    and noiseless.
+
+    Returns ``{"subimage_offset_gain": slope, "noiseless": slope, "training_doses": slope, "n": disks}``.
+    """
+    from ..strain.detect import _subimage_tta
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    pool = render_pool(tables, n_patterns, rng, cfg)
+    smp = subimage_samples(pool, rng, cfg)
+    idx = np.arange(len(smp["patch"]))
+    out = {}
+    P, T = [], []
+    for key, dose in (("noiseless", np.inf), ("training_doses", None)):
+        x, tgt, counts = draw_subimages(smp, idx, rng, dataclasses.replace(cfg, noiseless_fraction=0.0), gen, dose=dose,
+                                        sigma_px=0.0)
+        with torch.inference_mode():
+            pred = torch.cat([_subimage_tta(subimage_net, x[s:s + 4096]) for s in range(0, len(x), 4096)]).double().numpy()
+        t = tgt.double().numpy()
+        ok = counts >= min_counts
+        out[key] = float((pred[ok] * t[ok]).sum() / (t[ok] ** 2).sum())
+        P.append(pred[ok])
+        T.append(t[ok])
+    p, t = np.concatenate(P), np.concatenate(T)
+    out["subimage_offset_gain"] = round(float((p * t).sum() / (t * t).sum()), 4)
+    out["n"] = int(len(p))
+    return out
 
 
 def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=None, log=print) -> dict:
@@ -562,7 +613,7 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
     af_c.load_state_dict(af.cpu().state_dict())
     si_c.load_state_dict(si.cpu().state_dict())
     models = DiskModels(fuse_batchnorm(af_c.eval()), fuse_batchnorm(si_c.eval()), {}, torch.device("cpu"))
-    ev = held_out_evaluation(models, tables, cfg)
+    ev = held_out_evaluation(models, tables, cfg, n_patterns=(32, 16) if cfg.small_tables else (512, 256))
     card = {
         "id": f"disks_{cfg.name}",
         "kind": "disks",
@@ -603,3 +654,231 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
     stem.with_suffix(".json").write_text(json.dumps(card, indent=1))
     log(json.dumps(card["held_out"], indent=1))
     return card
+
+
+def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", energy_kv: float = 200.0,
+                          convergence_mrad: float = 2.0, radius_px: float = 5.0, thickness_nm=(20.0, 160.0),
+                          tilt_max_mrad: float = 1.0, strain: float = 0.01, n_side: int = 12, seed: int = 4242,
+                          iterations: int = 2, log=print) -> dict:
+    """Calibrate the sub-image CNN's offset gain so that the whole pipeline measures strain to scale.
+
+    A network trained with a squared error answers with the posterior mean, which shrinks a
+    disk's offset from the sub-image centre towards zero; :func:`diffkit.strain.detect_disks`
+    divides the offsets by ``subimage_offset_gain``. What matters is the end result, so the gain
+    is calibrated on it: noiseless scans (``n_side`` x ``n_side`` positions, random thickness in
+    ``thickness_nm`` and tilt up to ``tilt_max_mrad``, three pattern centres, seed ``seed``, never
+    used in training) are simulated unstrained and strained (``exx = strain``, ``eyy = strain / 2``,
+    ``exy = strain / 3``), measured with ``method="subimage-cnn"`` and fitted; the slope of the
+    measured against the true strain tensor (each strained pattern against its own unstrained
+    twin, so thickness and tilt effects cancel) is measured at gains 1.0 and 0.9 and the gain
+    giving slope 1 found by secant steps (``iterations``). The re-cut of each sub-image around
+    the disk already makes the response nearly unbiased, so the slope depends only weakly on
+    the gain (about -0.15 per unit gain).
+
+    Returns ``{"subimage_offset_gain", "slopes" ([gain, slope] pairs), "conditions"}``; ``models``
+    is not changed.
+    """
+    from ..strain.detect import detect_disks
+    from ..strain.lattice import strain_from_lattice
+    from ..strain.mapping import _fit, lattice_guess
+    from ..strain.nbed import simulate_nbed
+
+    rng = np.random.default_rng(seed)
+    n = n_side
+    t = rng.uniform(*thickness_nm, (n, n))
+    tm, ta = tilt_max_mrad * np.sqrt(rng.uniform(0, 1, (n, n))), rng.uniform(0, 2 * np.pi, (n, n))
+    tilt = np.stack([tm * np.cos(ta), tm * np.sin(ta)], -1)
+    z = np.zeros((n, n))
+    true = np.array([strain, strain / 2, strain / 3])
+    pairs = []
+    for c in range(3):
+        kw = dict(thickness_nm=t, tilt_mrad=tilt, material=material, zone=zone, energy_kv=energy_kv,
+                  convergence_mrad=convergence_mrad, pixel_size_mrad=convergence_mrad / radius_px, detector_px=128,
+                  center_offset_px=tuple(rng.uniform(-1, 1, 2)), dose=np.inf, seed=seed + c)
+        a = simulate_nbed(z, z, z, z, **kw)
+        b = simulate_nbed(z + true[0], z + true[1], z + true[2], z, **kw)
+        pairs.append((a.patterns.reshape(n * n, 128, 128), b.patterns.reshape(n * n, 128, 128), a.calibration))
+    def slope_at(gain):
+        m = dataclasses.replace(models, card={**models.card, "calibration": {"subimage_offset_gain": gain}})
+        meas = []
+        for pa, pb, cal in pairs:
+            G0, o0, hk = lattice_guess(pa, cal, models=m)
+            fa = _fit(detect_disks(pa, cal, method="subimage-cnn", lattice=(G0, o0, hk), models=m), G0, o0, "auto")
+            fb = _fit(detect_disks(pb, cal, method="subimage-cnn", lattice=(G0, o0, hk), models=m), G0, o0, "auto")
+            ok = (fa["status"] == 0) & (fb["status"] == 0)
+            for i in np.nonzero(ok)[0]:
+                e = strain_from_lattice(fb["G"][i], fa["G"][i])
+                meas.append([float(e["exx"]), float(e["eyy"]), float(e["exy"])])
+        M = np.array(meas)
+        slope = float((M @ true).sum() / (len(M) * (true @ true)))
+        log(f"strain-gain calibration: gain {gain:.4f} -> strain slope {slope:.5f} ({len(M)} patterns)")
+        return slope
+
+    # secant steps on slope(gain) = 1 from gains 1.0 and 0.9 (the slope is nearly linear in the gain)
+    g = [1.0, 0.9]
+    sl = [slope_at(1.0), slope_at(0.9)]
+    for _ in range(max(iterations - 1, 0)):
+        if sl[-1] == sl[-2]:
+            break
+        g_new = float(np.clip(g[-1] + (1 - sl[-1]) * (g[-1] - g[-2]) / (sl[-1] - sl[-2]), 0.6, 1.5))
+        g.append(g_new)
+        sl.append(slope_at(g_new))
+    gain = g[int(np.argmin(np.abs(np.array(sl) - 1)))]
+    slopes = [[round(a, 4), round(b, 5)] for a, b in zip(g, sl)]
+    return {"subimage_offset_gain": round(gain, 4), "slopes": slopes,
+            "conditions": {"material": material, "zone": zone, "energy_kv": energy_kv,
+                           "convergence_mrad": convergence_mrad, "radius_px": radius_px,
+                           "thickness_nm": list(thickness_nm), "tilt_max_mrad": tilt_max_mrad, "strain": strain,
+                           "patterns": 3 * n * n, "seed": seed, "dose": "noiseless"}}
+
+
+def specialised_name(material: str, zone: str, energy_kv: float, convergence_mrad: float) -> str:
+    """File stem of a specialised disk model, e.g. ``disks_si001_200kv_2mrad``."""
+    return f"disks_{material.lower()}{zone}_{energy_kv:g}kv_{convergence_mrad:g}mrad".replace(".", "p")
+
+
+def specialised_config(material: str, zone: str, energy_kv: float, convergence_mrad: float, *,
+                       radius_px=(4.0, 6.5), thickness_nm=(20.0, 160.0), cpu_s: float = 1800.0, lr: float = 1e-3,
+                       seed: int = 777001) -> DiskTrainConfig:
+    """Training distribution of a specialised model: one crystal and zone axis at one beam energy,
+    convergence semi-angle +-20 %, disk radius ``radius_px`` (px), thickness ``thickness_nm`` (nm),
+    tilt up to 1.5 mrad, strain up to 2 % (a fifth with a large random lattice deformation), doses
+    10^4.5-10^7 e- per pattern, blur 0.2-0.8 px; the sub-image CNN is fine-tuned for ``cpu_s`` process
+    CPU seconds at peak learning rate ``lr``."""
+    return DiskTrainConfig(name=specialised_name(material, zone, energy_kv, convergence_mrad)[6:], seed=seed,
+                           crystals=((material, zone, float(energy_kv)),),
+                           alpha_mrad=(0.8 * convergence_mrad, 1.2 * convergence_mrad), radius_px=tuple(radius_px),
+                           thickness_nm=tuple(thickness_nm), tilt_max_mrad=1.5, log10_dose=(4.5, 7.0),
+                           blur_px=(0.2, 0.8), small_strain=0.02, large_deformation_fraction=0.2,
+                           si_cpu_s=cpu_s, si_steps=1_000_000, si_lr=lr)
+
+
+def specialise_disk_models(material: str, zone: str, energy_kv: float, convergence_mrad: float, *,
+                           base: str = "disks_nbed", out_dir=None, cfg: DiskTrainConfig | None = None,
+                           pool_size: int = 4096, calibrate: bool = True, device=None, log=print) -> dict:
+    """Fine-tune the sub-image CNN of ``base`` for one crystal and probe, and package the result.
+
+    The general sub-image CNN is trained on four crystals and every convergence angle; its centres
+    of strongly dynamical disks (alpha ~ 2 mrad, 60-90 nm Si) are biased by the intensity
+    variation inside the disks, which depends on the crystal, thickness and tilt. Fine-tuned on
+    simulations of the one crystal the user measures (:func:`specialised_config`), it learns that
+    crystal's disk interiors: on the strain benchmark's Si [001] wedge it halves the strain-free
+    scatter (docs/strain.md). The anchor-free detector is kept. The card records the training,
+    the held-out evaluation (seed ``cfg.seed + 1``), the calibrated offset gain
+    (:func:`calibrate_strain_gain`) and ``valid_for`` (crystal, zone, energy, convergence and
+    radius ranges) used by :func:`diffkit.strain.detect.select_disk_models`.
+
+    Writes ``<out_dir>/<name>.safetensors`` and ``.json`` (default: the package's weights
+    folder); returns the card.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from ..strain.detect import DiskModels, load_disk_models
+    from ..strain.networks import fuse_batchnorm
+
+    from ..errors import BadInputError
+
+    if not 0 < convergence_mrad <= 2.5:
+        raise BadInputError(f"convergence {convergence_mrad} mrad: the disk networks are for nanobeam diffraction "
+                            "with non-overlapping disks, convergence semi-angle 0.5-2.5 mrad")
+    cfg = cfg or specialised_config(material, zone, energy_kv, convergence_mrad)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(__file__).parent / "weights"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_models = load_disk_models(base, device="cpu")
+    base_stem = pathlib.Path(base_models.source)
+    sd = load_file(str(base_stem.with_suffix(".safetensors")))
+    base_card = base_models.card
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tables = training_tables(cfg, progress=True)
+    pools = [render_pool(tables, max(pool_size // 2, 1), rng, cfg) for _ in range(2)]
+    samples = [subimage_samples(p, rng, cfg) for p in pools]
+    log(f"{sum(len(s['patch']) for s in samples)} sub-image samples from {pool_size} patterns")
+    si_cfg = SubImageConfig(**base_card["config"]["subimage"])
+    net = SubImageDiskNet(si_cfg)
+    net.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("si.")})
+    net, si_info = train_subimage(samples, cfg, rng, gen, dev, log, net=net)
+    sd.update({f"si.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+    name = specialised_name(*cfg.crystals[0][:2], cfg.crystals[0][2], convergence_mrad)
+    stem = out_dir / name
+    save_file(sd, str(stem.with_suffix(".safetensors")))
+    si_c = SubImageDiskNet(si_cfg)
+    si_c.load_state_dict(net.cpu().state_dict())
+    models = DiskModels(base_models.anchor_free, fuse_batchnorm(si_c.eval()), {"calibration": {}}, torch.device("cpu"))
+    cal = None
+    if calibrate:
+        cal = calibrate_strain_gain(models, material=material, zone=zone, energy_kv=energy_kv,
+                                    convergence_mrad=convergence_mrad, thickness_nm=cfg.thickness_nm,
+                                    seed=cfg.seed + 2, log=log)
+        models.card["calibration"] = {"subimage_offset_gain": cal["subimage_offset_gain"]}
+    ev = held_out_evaluation(models, tables, cfg, alpha_mrad=convergence_mrad,
+                             n_patterns=(32, 16) if cfg.small_tables else (512, 256))
+    card = {
+        "id": name, "kind": "disks", "name": cfg.name,
+        "format": base_card.get("format", "safetensors"),
+        "description": f"{base_card.get('id', base)} with its sub-image disk-centre CNN fine-tuned on "
+                       f"{material} [{zone}] at {energy_kv:g} kV, convergence {cfg.alpha_mrad[0]:g}-{cfg.alpha_mrad[1]:g} mrad "
+                       f"(diffkit.models.disks_training.specialise_disk_models); anchor-free detector unchanged.",
+        "valid_for": {"material": material, "zone_axis": zone, "beam_energy_kv": float(energy_kv),
+                      "convergence_mrad": [round(v, 4) for v in cfg.alpha_mrad], "disk_radius_px": list(cfg.radius_px),
+                      "note": "selected by diffkit.strain.detect.select_disk_models when the calibration matches"},
+        "base_model": base_card.get("id", base),
+        "training_data": {
+            "simulation": base_card.get("training_data", {}).get("simulation", ""),
+            "crystals": [f"{m} [{z}] {kv:g} kV" for m, z, kv in cfg.crystals],
+            "pool_patterns": pool_size, "detector_px": cfg.detector_px,
+            "ranges": {k: v for k, v in dataclasses.asdict(cfg).items() if k in (
+                "radius_px", "alpha_mrad", "thickness_nm", "tilt_max_mrad", "small_strain", "large_deformation_fraction",
+                "center_offset_px", "affine", "log10_dose", "noiseless_fraction", "background", "radial_background",
+                "blur_px")},
+        },
+        "seed": cfg.seed,
+        "config": base_card["config"],
+        "training": {"subimage_fine_tune": si_info, "total_seconds": round(time.perf_counter() - t_start, 1),
+                     "total_cpu_seconds": round(time.process_time() - cpu_start, 1), "device": str(dev),
+                     "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                     "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+                     "hyperparameters": {"si_lr": cfg.si_lr, "si_batch": cfg.si_batch, "si_cpu_s": cfg.si_cpu_s,
+                                         "weight_decay": cfg.weight_decay},
+                     "budget_note": "fine-tuning stops on process CPU time (si_cpu_s); set si_steps to the step "
+                                    "count above to reproduce the weights exactly"},
+        "parameters": base_card.get("parameters", {}),
+        "held_out": {"seed": cfg.seed + 1, "match_tolerance": "half a disk radius", **ev},
+        "calibration": {"subimage_offset_gain": cal["subimage_offset_gain"] if cal else 1.0,
+                        "method": "calibrate_strain_gain: slope of measured vs true strain on noiseless strained/"
+                                  "unstrained pattern pairs through the whole subimage-cnn pipeline",
+                        **({"slopes": cal["slopes"], "conditions": cal["conditions"]} if cal else {})},
+    }
+    stem.with_suffix(".json").write_text(json.dumps(card, indent=1))
+    log(f"wrote {stem}.json / .safetensors")
+    return card
+
+
+def main(out_dir=None, smoke: bool = False, specialise=None, radius_px=None, log=print) -> dict:
+    """Command-line entry (``diffkit train disks``).
+
+    ``specialise`` = ``(material, zone, energy_kv, convergence_mrad)`` fine-tunes a specialised
+    model (:func:`specialise_disk_models`) instead of training the general one
+    (:func:`train_disk_models`, ~15 min on 2 CPU cores). ``smoke``: a few steps on a tiny pool
+    (CI), written to ``out_dir``. ``radius_px`` (lo, hi): disk radii (px) of a specialised model.
+    """
+    if smoke and out_dir is None:
+        raise ValueError("a smoke run needs an output folder (it must not replace the shipped weights)")
+    if specialise:
+        material, zone, kv, alpha = specialise
+        cfg = specialised_config(material, zone, kv, alpha, cpu_s=20.0 if smoke else 1800.0,
+                                 **({"radius_px": tuple(radius_px)} if radius_px else {}))
+        if smoke:
+            cfg = dataclasses.replace(cfg, si_steps=3, si_batch=32, small_tables=True, thickness_nm=(20.0, 100.0),
+                                      tilt_max_mrad=0.5)
+        return specialise_disk_models(material, zone, kv, alpha, out_dir=out_dir, cfg=cfg,
+                                      pool_size=16 if smoke else 4096, calibrate=not smoke, log=log)
+    cfg = DiskTrainConfig()
+    if smoke:
+        cfg = dataclasses.replace(cfg, name="smoke", pool_size=16, af_steps=3, af_batch=4, si_steps=3, si_batch=32,
+                                  crystals=cfg.crystals[:1], small_tables=True, alpha_mrad=(0.8, 2.0),
+                                  thickness_nm=(20.0, 100.0), tilt_max_mrad=0.5)
+    return train_disk_models(out_dir=out_dir, cfg=cfg, log=log)

@@ -51,6 +51,7 @@ class DiskModels:
     subimage: SubImageDiskNet
     card: dict
     device: torch.device
+    source: str = ""  # the files' stem (path without suffix), so that dask workers can load the same model
 
     @property
     def subimage_size(self) -> int:
@@ -105,9 +106,60 @@ def load_disk_models(name: str = DEFAULT_MODEL, weights_dir=None, device=None) -
     si.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("si.")})
     af = fuse_batchnorm(af.eval()).to(dev)
     si = fuse_batchnorm(si.eval()).to(dev)
-    m = DiskModels(af, si, card, dev)
+    m = DiskModels(af, si, card, dev, str(stem))
     _MODELS[key] = m
     return m
+
+
+def _model_matches(card: dict, calibration, radius_px) -> bool:
+    """Whether a specialised model's ``valid_for`` covers the calibration (material, zone axis,
+    beam energy within 1 kV, convergence semi-angle and disk radius within the trained ranges)."""
+    v = card.get("valid_for", {})
+    if "material" not in v or calibration is None:
+        return False
+    if (calibration.material or "").lower() != v["material"].lower():
+        return False
+    if str(calibration.zone_axis or "").strip("[]") != str(v.get("zone_axis", "")):
+        return False
+    if calibration.beam_energy_kv is None or abs(calibration.beam_energy_kv - v["beam_energy_kv"]) > 1.0:
+        return False
+    a = calibration.convergence_mrad
+    lo, hi = v["convergence_mrad"]
+    if a is None or not lo <= a <= hi:
+        return False
+    r_lo, r_hi = v["disk_radius_px"]
+    return radius_px is not None and r_lo <= radius_px <= r_hi
+
+
+def select_disk_models(calibration=None, device=None, weights_dir=None) -> DiskModels:
+    """The disk networks for a dataset: a model specialised for its crystal and optics when one
+    is shipped, else the general one.
+
+    A specialised model (``diffkit train disks --specialise``, e.g. ``disks_si001_200kv_2mrad``)
+    is the general model's sub-image CNN fine-tuned on simulations of one crystal, zone axis,
+    beam energy and convergence range; it measures disk centres in that crystal's dynamical
+    disks with less bias. It is chosen when the calibration names the material and zone axis and
+    its beam energy (kV), convergence semi-angle (mrad) and disk radius (px, after the binning
+    of large disks) lie in the model card's ``valid_for`` ranges.
+
+    Examples
+    --------
+    >>> from diffkit.calibration import Calibration
+    >>> select_disk_models(Calibration(material="Si", zone_axis="001", beam_energy_kv=200,
+    ...                                convergence_mrad=2.0, pixel_size_mrad=0.4)).card["id"]  # doctest: +SKIP
+    'disks_si001_200kv_2mrad'
+    """
+    folder = pathlib.Path(weights_dir) if weights_dir else WEIGHTS_DIR
+    r, nbin = _radius_and_binning(calibration, None)
+    r = None if r is None else r / nbin
+    for path in sorted(folder.glob("disks_*.json")):
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _model_matches(card, calibration, r):
+            return load_disk_models(path.with_suffix("").name, weights_dir=folder, device=device)
+    return load_disk_models(DEFAULT_MODEL, weights_dir=weights_dir, device=device)
 
 
 @dataclasses.dataclass
@@ -440,7 +492,7 @@ def detect_disks(patterns, calibration=None, method: str = "anchor-free", *, ref
         refine = None
     if refine not in ("fit", "cnn", None):
         raise BadInputError(f"refine must be 'fit', 'cnn' or None, got {refine!r}")
-    models = models or load_disk_models(device=device)
+    models = models or select_disk_models(calibration, device=device)
     dev = models.device
     r_cal, nbin = _radius_and_binning(calibration, radius_px)
     n_all = len(patterns) if np.ndim(patterns) == 3 else 1

@@ -265,9 +265,9 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     if method not in ("anchor-free", "subimage-cnn"):
         raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
     ref_mask = region_mask(reference_region, (sy, sx))
-    from .detect import load_disk_models
+    from .detect import select_disk_models
 
-    models = models or load_disk_models()
+    models = models or select_disk_models(cal)
     t0 = time.perf_counter()
     client = scheduler if hasattr(scheduler, "submit") else None
     sched = None if client is not None else scheduler
@@ -323,7 +323,8 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
         futs = {}
         for i in todo:
             blk = arr[i * chunk_rows:min(sy, (i + 1) * chunk_rows)]
-            f = client.submit(_process_block, blk, (G_guess, o_guess, hk), cal, method, weights, refine, pure=False)
+            f = client.submit(_process_block, blk, (G_guess, o_guess, hk), cal, method, weights, refine, models.source,
+                              pure=False)
             futs[f] = i
         for f in as_completed(futs):
             finish_block(futs[f], f.result())
@@ -349,11 +350,12 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     return ds
 
 
-def _process_block(blk, guess, cal, method, weights, refine):
-    from .detect import load_disk_models
+def _process_block(blk, guess, cal, method, weights, refine, model_source=""):
+    from .detect import load_disk_models, select_disk_models
 
     b = np.asarray(blk, np.float32)
-    return process_patterns(b.reshape(-1, *b.shape[2:]), guess, cal, method, load_disk_models(), weights=weights,
+    models = load_disk_models(model_source + ".json") if model_source else select_disk_models(cal)
+    return process_patterns(b.reshape(-1, *b.shape[2:]), guess, cal, method, models, weights=weights,
                             refine=refine)
 
 

@@ -196,7 +196,8 @@ class StrainExplorer(Viewer):
             return
         self._run = self._pending_run
         self.param.update(lattice=ds, strain=ds, running=False, progress=100,
-                          status=f"Done: {ds.sizes.get('scan_y', '?')}×{ds.sizes.get('scan_x', '?')} patterns in {el:.1f} s.")
+                          status=f"Done: {ds.sizes.get('scan_y', '?')}×{ds.sizes.get('scan_x', '?')} patterns in {el:.1f} s "
+                                 f"(disk model {ds.attrs.get('model') or '?'}).")
 
     def run(self):
         """Map strain now (blocking); returns the Dataset or None."""
