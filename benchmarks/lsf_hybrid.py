@@ -81,10 +81,11 @@ def main(argv=None):
     hybrid_fit(L, x[:1], estimates=w, **kw)
 
     # CNN: alignment alone (what the full LSF needs) and alignment + measurement (the hybrid), batched
-    (centre, radius, rot, _, _), t_align = timed(pred.locate, torch.as_tensor(x))
+    _, t_align = timed(pred.locate, torch.as_tensor(x))
     est, t_cnn = timed(pred.predict_batch, x)
-    geo_full = {"center_y_px": centre[:, 0].numpy(), "center_x_px": centre[:, 1].numpy(),
-                "disk_radius_px": radius.numpy(), "rotation_deg": rot.numpy()}
+    # both searches start from the same geometry: the predictor's (its disk radius carries the
+    # calibrated size-bias correction, which needs the predicted thickness; a lookup, no extra time)
+    geo_full = {k: np.asarray(est[k]) for k in geo_keys}
 
     rows = []
     for i in range(len(x)):
