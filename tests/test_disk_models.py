@@ -89,3 +89,18 @@ def test_train_disks_smoke(tmp_path):
         main(out_dir=tmp_path, smoke=True, specialise=("Si", "001", 200.0, 13.6))
     with pytest.raises(ValueError, match="output folder"):
         main(smoke=True)
+
+
+def test_calibrate_strain_gain_measures_the_pipeline_strain_scale():
+    """Strained/unstrained noiseless pairs through detection and lattice fit: the strain slope at the
+    returned gain is the one closest to 1 among those tried, and it is close to 1."""
+    from diffkit.models.disks_training import calibrate_strain_gain
+
+    m = load_disk_models("disks_nbed", device="cpu")
+    tab = nbed.disk_intensity_table(nbed.small_table_spec())
+    out = calibrate_strain_gain(m, thickness_nm=(40.0, 80.0), n_side=4, iterations=2, tables=[tab], log=lambda s: None)
+    gains, slopes = np.array(out["slopes"]).T
+    assert len(gains) == 3 and gains[0] == 1.0 and gains[1] == 0.9
+    best = int(np.argmin(np.abs(slopes - 1)))
+    assert out["subimage_offset_gain"] == round(gains[best], 4) and abs(slopes[best] - 1) < 0.03
+    assert m.offset_gain == 0.94  # the models passed in are not changed

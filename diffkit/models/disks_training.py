@@ -661,7 +661,7 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
 def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", energy_kv: float = 200.0,
                           convergence_mrad: float = 2.0, radius_px: float = 5.0, thickness_nm=(20.0, 160.0),
                           tilt_max_mrad: float = 1.0, strain: float = 0.01, n_side: int = 12, seed: int = 4242,
-                          iterations: int = 2, dose: float = np.inf, log=print) -> dict:
+                          iterations: int = 2, dose: float = np.inf, tables=None, log=print) -> dict:
     """Calibrate the sub-image CNN's offset gain so that the whole pipeline measures strain to scale.
 
     A network trained with a squared error answers with the posterior mean, which shrinks a
@@ -677,8 +677,9 @@ def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", en
     the disk already makes the response nearly unbiased, so the slope depends only weakly on
     the gain (about -0.15 per unit gain).
 
-    Returns ``{"subimage_offset_gain", "slopes" ([gain, slope] pairs), "conditions"}``; ``models``
-    is not changed.
+    ``tables``: disk-intensity tables for :func:`diffkit.strain.simulate_nbed` (default: the
+    crystal's standard table, with strain derivatives). Returns ``{"subimage_offset_gain", "slopes"
+    ([gain, slope] pairs), "conditions"}``; ``models`` is not changed.
     """
     from ..strain.detect import detect_disks
     from ..strain.lattice import strain_from_lattice
@@ -696,7 +697,7 @@ def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", en
     for c in range(3):
         kw = dict(thickness_nm=t, tilt_mrad=tilt, material=material, zone=zone, energy_kv=energy_kv,
                   convergence_mrad=convergence_mrad, pixel_size_mrad=convergence_mrad / radius_px, detector_px=128,
-                  center_offset_px=tuple(rng.uniform(-1, 1, 2)), dose=dose, seed=seed + c)
+                  center_offset_px=tuple(rng.uniform(-1, 1, 2)), dose=dose, seed=seed + c, tables=tables)
         a = simulate_nbed(z, z, z, z, **kw)
         b = simulate_nbed(z + true[0], z + true[1], z + true[2], z, **kw)
         pairs.append((a.patterns.reshape(n * n, 128, 128), b.patterns.reshape(n * n, 128, 128), a.calibration))
