@@ -802,7 +802,12 @@ def specialise_disk_models(material: str, zone: str, energy_kv: float, convergen
     tables = training_tables(cfg, progress=True)
     pools = [render_pool(tables, max(pool_size // 2, 1), rng, cfg) for _ in range(2)]
     samples = [subimage_samples(p, rng, cfg) for p in pools]
-    log(f"{sum(len(s['patch']) for s in samples)} sub-image samples from {pool_size} patterns")
+    n_samples = sum(len(s["patch"]) for s in samples)
+    log(f"{n_samples} sub-image samples from {pool_size} patterns")
+    if n_samples < 2 * pool_size:
+        log(f"warning: only {n_samples / pool_size:.1f} disks per training pattern lie wholly on the "
+            f"{cfg.detector_px} px training detector (small convergence angles put the Bragg disks far out): "
+            "the network would learn mostly the undiffracted disk; raise DiskTrainConfig.detector_px")
     si_cfg = SubImageConfig(**base_card["config"]["subimage"])
     net = SubImageDiskNet(si_cfg)
     net.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("si.")})
