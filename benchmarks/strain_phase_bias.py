@@ -33,10 +33,9 @@ def main(argv=None):
                     "anchor-free detector)")
     args = ap.parse_args(argv)
 
+    from diffkit.models.disks_training import pair_strain
     from diffkit.strain import nbed
-    from diffkit.strain.detect import detect_disks, load_disk_models
-    from diffkit.strain.lattice import strain_from_lattice
-    from diffkit.strain.mapping import _fit, lattice_guess
+    from diffkit.strain.detect import load_disk_models
 
     n = args.scan
     yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
@@ -54,13 +53,8 @@ def main(argv=None):
         b = nbed.simulate_nbed(z + args.strain, z, z, z, **kw)
         pa, pb = a.patterns.reshape(-1, 128, 128), b.patterns.reshape(-1, 128, 128)
         for name, m in models.items():
-            G0, o0, hk = lattice_guess(pa, a.calibration, models=m)
-            kd = (dict(method="subimage-cnn", lattice=(G0, o0, hk)) if args.refine == "cnn"
-                  else dict(method="anchor-free", refine=args.refine))
-            fa = _fit(detect_disks(pa, a.calibration, models=m, **kd), G0, o0, "auto")
-            fb = _fit(detect_disks(pb, a.calibration, models=m, **kd), G0, o0, "auto")
-            ok = (fa["status"] == 0) & (fb["status"] == 0)
-            e = np.array([float(strain_from_lattice(fb["G"][i], fa["G"][i])["exx"]) for i in np.nonzero(ok)[0]])
+            kd = dict(method="subimage-cnn") if args.refine == "cnn" else dict(method="anchor-free", refine=args.refine)
+            e = pair_strain(m, pa, pb, a.calibration, **kd)[:, 0]
             rows[name].append((e.mean() - args.strain) * 1e4)
     print(f"error of the mapped exx (1e-4) for a uniform exx = {args.strain:g}, {n}x{n} pattern pairs, alpha "
           f"{args.alpha:g} mrad, {args.radius_px:g} px disks, dose {args.dose:g}, refine {args.refine}, by sub-pixel "

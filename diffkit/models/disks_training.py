@@ -510,13 +510,15 @@ DETECTION_THRESHOLD = 0.6
 
 
 def held_out_evaluation(models, tables, cfg: DiskTrainConfig, threshold: float = DETECTION_THRESHOLD,
-                        alpha_mrad: float = 2.0, n_patterns=(512, 256)) -> dict:
+                        alpha_mrad: float = 2.0, n_patterns=None) -> dict:
     """Recall/precision and centre errors on patterns drawn with seed ``cfg.seed + 1`` (never used in training).
 
     ``random_conditions``: the training distribution (``n_patterns[0]`` patterns, 96 px);
     ``<crystal>_*``: the first training crystal (Si [001] at 200 kV for the general model) at
-    ``alpha_mrad``, 5 px disks, unrotated, unstrained, 128 px, at three doses (``n_patterns[1]``).
+    ``alpha_mrad``, 5 px disks, unrotated, unstrained, 128 px, at three doses (``n_patterns[1]``;
+    default (512, 256), (32, 16) for smoke runs on small tables).
     """
+    n_patterns = n_patterns or ((32, 16) if cfg.small_tables else (512, 256))
     ev_rng = np.random.default_rng(cfg.seed + 1)
     ev_gen = torch.Generator().manual_seed(cfg.seed + 1)
     mat, zone, _ = cfg.crystals[0]
@@ -529,47 +531,6 @@ def held_out_evaluation(models, tables, cfg: DiskTrainConfig, threshold: float =
             ev[f"{mat.lower()}{zone}_alpha{alpha_mrad:g}mrad_r5px_dose{d:.0e}"] = evaluate(
                 models, one, cfg, ev_rng, ev_gen, dose=d, threshold=threshold)
     return ev
-
-
-def offset_gain(subimage_net, tables, cfg: DiskTrainConfig, seed: int, n_patterns: int = 256,
-                min_counts: float = 1e4) -> dict:
-    """Calibrate the slope of the sub-image CNN's offsets against the true offsets.
-
-    A network trained with a squared error answers with the posterior mean, which shrinks the
-    offset of the disk from the sub-image centre (px) towards zero; :func:`detect_disks`
-    divides its offsets by this slope so that small displacements (e.g. 1 % strain) are not
-    scaled down. Measured on ``n_patterns`` patterns of the training distribution drawn with
-    ``seed`` (never used in training), sub-images cut as in the last pass of
-    :func:`diffkit.strain.detect.detect_disks` (the window's centre pixel holds the disk
-    centre, so the offsets lie within +-0.5 px), the network evaluated as in :func:`diffkit.strain.detect.detect_disks` (the sub-image and its
-    180-degree rotation averaged), disks with >= ``min_counts`` counts, at the training doses
-    and noiseless.
-
-    Returns ``{"subimage_offset_gain": slope, "noiseless": slope, "training_doses": slope, "n": disks}``.
-    """
-    from ..strain.detect import _subimage_tta
-
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    pool = render_pool(tables, n_patterns, rng, cfg)
-    smp = subimage_samples(pool, rng, cfg)
-    idx = np.arange(len(smp["patch"]))
-    out = {}
-    P, T = [], []
-    for key, dose in (("noiseless", np.inf), ("training_doses", None)):
-        x, tgt, counts = draw_subimages(smp, idx, rng, dataclasses.replace(cfg, noiseless_fraction=0.0), gen, dose=dose,
-                                        sigma_px=0.0)
-        with torch.inference_mode():
-            pred = torch.cat([_subimage_tta(subimage_net, x[s:s + 4096]) for s in range(0, len(x), 4096)]).double().numpy()
-        t = tgt.double().numpy()
-        ok = counts >= min_counts
-        out[key] = float((pred[ok] * t[ok]).sum() / (t[ok] ** 2).sum())
-        P.append(pred[ok])
-        T.append(t[ok])
-    p, t = np.concatenate(P), np.concatenate(T)
-    out["subimage_offset_gain"] = round(float((p * t).sum() / (t * t).sum()), 4)
-    out["n"] = int(len(p))
-    return out
 
 
 def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=None, log=print) -> dict:
@@ -615,7 +576,7 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
     af_c.load_state_dict(af.cpu().state_dict())
     si_c.load_state_dict(si.cpu().state_dict())
     models = DiskModels(fuse_batchnorm(af_c.eval()), fuse_batchnorm(si_c.eval()), {}, torch.device("cpu"))
-    ev = held_out_evaluation(models, tables, cfg, n_patterns=(32, 16) if cfg.small_tables else (512, 256))
+    ev = held_out_evaluation(models, tables, cfg)
     card = {
         "id": f"disks_{cfg.name}",
         "kind": "disks",
@@ -658,6 +619,30 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
     return card
 
 
+def pair_strain(models, unstrained, strained, calibration, method: str = "subimage-cnn", refine="cnn") -> np.ndarray:
+    """Strain of each strained pattern relative to its unstrained twin.
+
+    ``unstrained`` and ``strained`` are (N, H, W) patterns of the same positions (same thickness,
+    tilt and noise seed). Both are measured with ``models`` (``"subimage-cnn"`` at the lattice of
+    the unstrained set), fitted, and each strained lattice is compared with its own twin's, so
+    that thickness and tilt effects on the centres cancel. Returns (M, 3) ``exx, eyy, exy``
+    (dimensionless) for the M pairs whose fits both succeeded.
+    """
+    from ..strain.detect import detect_disks
+    from ..strain.lattice import strain_from_lattice
+    from ..strain.mapping import _fit, lattice_guess
+
+    G0, o0, hk = lattice_guess(unstrained, calibration, models=models)
+    kw = dict(method=method, refine=refine, models=models)
+    if method == "subimage-cnn":
+        kw["lattice"] = (G0, o0, hk)
+    fa = _fit(detect_disks(unstrained, calibration, **kw), G0, o0, "auto")
+    fb = _fit(detect_disks(strained, calibration, **kw), G0, o0, "auto")
+    ok = np.nonzero((fa["status"] == 0) & (fb["status"] == 0))[0]
+    e = strain_from_lattice(fb["G"][ok], fa["G"][ok])
+    return np.stack([e["exx"], e["eyy"], e["exy"]], 1).astype(float).reshape(-1, 3)
+
+
 def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", energy_kv: float = 200.0,
                           convergence_mrad: float = 2.0, radius_px: float = 5.0, thickness_nm=(20.0, 160.0),
                           tilt_max_mrad: float = 1.0, strain: float = 0.01, n_side: int = 12, seed: int = 4242,
@@ -672,18 +657,16 @@ def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", en
     used in training) are simulated unstrained and strained (``exx = strain``, ``eyy = strain / 2``,
     ``exy = strain / 3``), measured with ``method="subimage-cnn"`` and fitted; the slope of the
     measured against the true strain tensor (each strained pattern against its own unstrained
-    twin, so thickness and tilt effects cancel) is measured at gains 1.0 and 0.9 and the gain
-    giving slope 1 found by secant steps (``iterations``). The re-cut of each sub-image around
-    the disk already makes the response nearly unbiased, so the slope depends only weakly on
-    the gain (about -0.15 per unit gain).
+    twin, so thickness and tilt effects cancel; :func:`pair_strain`) is measured at gains 1.0 and
+    0.9, secant steps (``iterations``) look for slope 1, and the gain whose slope came closest is
+    returned. The re-cut of each sub-image around the disk already makes the response nearly
+    unbiased, so the slope depends only weakly, and not always monotonically, on the gain
+    (measured: 0.006-0.02 per 0.1 of gain).
 
     ``tables``: disk-intensity tables for :func:`diffkit.strain.simulate_nbed` (default: the
     crystal's standard table, with strain derivatives). Returns ``{"subimage_offset_gain", "slopes"
     ([gain, slope] pairs), "conditions"}``; ``models`` is not changed.
     """
-    from ..strain.detect import detect_disks
-    from ..strain.lattice import strain_from_lattice
-    from ..strain.mapping import _fit, lattice_guess
     from ..strain.nbed import simulate_nbed
 
     rng = np.random.default_rng(seed)
@@ -703,21 +686,12 @@ def calibrate_strain_gain(models, *, material: str = "Si", zone: str = "001", en
         pairs.append((a.patterns.reshape(n * n, 128, 128), b.patterns.reshape(n * n, 128, 128), a.calibration))
     def slope_at(gain):
         m = dataclasses.replace(models, card={**models.card, "calibration": {"subimage_offset_gain": gain}})
-        meas = []
-        for pa, pb, cal in pairs:
-            G0, o0, hk = lattice_guess(pa, cal, models=m)
-            fa = _fit(detect_disks(pa, cal, method="subimage-cnn", lattice=(G0, o0, hk), models=m), G0, o0, "auto")
-            fb = _fit(detect_disks(pb, cal, method="subimage-cnn", lattice=(G0, o0, hk), models=m), G0, o0, "auto")
-            ok = (fa["status"] == 0) & (fb["status"] == 0)
-            for i in np.nonzero(ok)[0]:
-                e = strain_from_lattice(fb["G"][i], fa["G"][i])
-                meas.append([float(e["exx"]), float(e["eyy"]), float(e["exy"])])
-        M = np.array(meas)
+        M = np.concatenate([pair_strain(m, pa, pb, cal) for pa, pb, cal in pairs])
         slope = float((M @ true).sum() / (len(M) * (true @ true)))
         log(f"strain-gain calibration: gain {gain:.4f} -> strain slope {slope:.5f} ({len(M)} patterns)")
         return slope
 
-    # secant steps on slope(gain) = 1 from gains 1.0 and 0.9 (the slope is nearly linear in the gain)
+    # secant steps on slope(gain) = 1 from gains 1.0 and 0.9; keep the gain whose slope came closest to 1
     g = [1.0, 0.9]
     sl = [slope_at(1.0), slope_at(0.9)]
     for _ in range(max(iterations - 1, 0)):
@@ -761,7 +735,7 @@ def specialised_config(material: str, zone: str, energy_kv: float, convergence_m
 
 def specialise_disk_models(material: str, zone: str, energy_kv: float, convergence_mrad: float, *,
                            base: str = "disks_nbed", out_dir=None, cfg: DiskTrainConfig | None = None,
-                           pool_size: int = 4096, calibrate: bool = True, device=None, log=print) -> dict:
+                           calibrate: bool = True, device=None, log=print) -> dict:
     """Fine-tune the sub-image CNN of ``base`` for one crystal and probe, and package the result.
 
     The general sub-image CNN is trained on four crystals and every convergence angle; its centres
@@ -779,10 +753,9 @@ def specialise_disk_models(material: str, zone: str, energy_kv: float, convergen
     """
     from safetensors.torch import load_file, save_file
 
+    from ..errors import BadInputError
     from ..strain.detect import DiskModels, load_disk_models
     from ..strain.networks import fuse_batchnorm
-
-    from ..errors import BadInputError
 
     if not 0 < convergence_mrad <= 2.5:
         raise BadInputError(f"convergence {convergence_mrad} mrad: the disk networks are for nanobeam diffraction "
@@ -800,6 +773,7 @@ def specialise_disk_models(material: str, zone: str, energy_kv: float, convergen
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tables = training_tables(cfg, progress=True)
+    pool_size = cfg.pool_size
     pools = [render_pool(tables, max(pool_size // 2, 1), rng, cfg) for _ in range(2)]
     samples = [subimage_samples(p, rng, cfg) for p in pools]
     n_samples = sum(len(s["patch"]) for s in samples)
@@ -825,8 +799,7 @@ def specialise_disk_models(material: str, zone: str, energy_kv: float, convergen
                                     convergence_mrad=convergence_mrad, thickness_nm=cfg.thickness_nm,
                                     seed=cfg.seed + 2, log=log)
         models.card["calibration"] = {"subimage_offset_gain": cal["subimage_offset_gain"]}
-    ev = held_out_evaluation(models, tables, cfg, alpha_mrad=convergence_mrad,
-                             n_patterns=(32, 16) if cfg.small_tables else (512, 256))
+    ev = held_out_evaluation(models, tables, cfg, alpha_mrad=convergence_mrad)
     card = {
         "id": name, "kind": "disks", "name": cfg.name,
         "format": base_card.get("format", "safetensors"),
@@ -884,9 +857,8 @@ def main(out_dir=None, smoke: bool = False, specialise=None, radius_px=None, log
                                  **({"radius_px": tuple(radius_px)} if radius_px else {}))
         if smoke:
             cfg = dataclasses.replace(cfg, si_steps=3, si_batch=32, small_tables=True, thickness_nm=(20.0, 100.0),
-                                      tilt_max_mrad=0.5)
-        return specialise_disk_models(material, zone, kv, alpha, out_dir=out_dir, cfg=cfg,
-                                      pool_size=16 if smoke else 4096, calibrate=not smoke, log=log)
+                                      tilt_max_mrad=0.5, pool_size=16)
+        return specialise_disk_models(material, zone, kv, alpha, out_dir=out_dir, cfg=cfg, calibrate=not smoke, log=log)
     cfg = DiskTrainConfig()
     if smoke:
         cfg = dataclasses.replace(cfg, name="smoke", pool_size=16, af_steps=3, af_batch=4, si_steps=3, si_batch=32,
