@@ -87,6 +87,8 @@ def test_train_disks_smoke(tmp_path):
     assert np.isfinite(det.positions[det.valid]).all()
     with pytest.raises(BadInputError, match="convergence"):
         main(out_dir=tmp_path, smoke=True, specialise=("Si", "001", 200.0, 13.6))
+    with pytest.raises(BadInputError, match="disk radius"):
+        main(out_dir=tmp_path, smoke=True, specialise=("Si", "001", 200.0, 2.0), radius_px=(6.5, 4.0))
     with pytest.raises(ValueError, match="output folder"):
         main(smoke=True)
 

@@ -725,6 +725,11 @@ def specialised_config(material: str, zone: str, energy_kv: float, convergence_m
     network that learns the disk interiors of the unstrained crystal only reads that change as a
     displacement), doses 10^4.5-10^7 e- per pattern, blur 0.2-0.8 px; the sub-image CNN is
     fine-tuned for ``cpu_s`` process CPU seconds at peak learning rate ``lr``."""
+    from ..errors import BadInputError
+
+    if not 2.0 <= radius_px[0] <= radius_px[1] <= 8.5:
+        raise BadInputError(f"disk radius range {tuple(radius_px)} px: give LO <= HI within 2-8.5 px (larger disks "
+                            "are binned 2x before detection)")
     return DiskTrainConfig(name=specialised_name(material, zone, energy_kv, convergence_mrad)[6:], seed=seed,
                            crystals=((material, zone, float(energy_kv)),),
                            alpha_mrad=(0.8 * convergence_mrad, 1.2 * convergence_mrad), radius_px=tuple(radius_px),
