@@ -29,8 +29,8 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=2.0, help="convergence semi-angle (mrad)")
     ap.add_argument("--radius-px", type=float, default=5.0, help="disk radius on the detector (px)")
     ap.add_argument("--dose", type=float, default=np.inf, help="electrons per pattern (default noiseless)")
-    ap.add_argument("--refine", default="cnn", help="cnn or fit (the edge-model least-squares fit, with the "
-                    "anchor-free detector)")
+    ap.add_argument("--refine", default="cnn", help="cnn, model (physics-model fit of each pattern) or fit (the "
+                    "edge-model least-squares fit, with the anchor-free detector)")
     args = ap.parse_args(argv)
 
     from diffkit.models.disks_training import pair_strain
@@ -53,7 +53,8 @@ def main(argv=None):
         b = nbed.simulate_nbed(z + args.strain, z, z, z, **kw)
         pa, pb = a.patterns.reshape(-1, 128, 128), b.patterns.reshape(-1, 128, 128)
         for name, m in models.items():
-            kd = dict(method="subimage-cnn") if args.refine == "cnn" else dict(method="anchor-free", refine=args.refine)
+            kd = (dict(method="subimage-cnn", refine=args.refine) if args.refine in ("cnn", "model")
+                  else dict(method="anchor-free", refine=args.refine))
             e = pair_strain(m, pa, pb, a.calibration, **kd)[:, 0]
             rows[name].append((e.mean() - args.strain) * 1e4)
     print(f"error of the mapped exx (1e-4) for a uniform exx = {args.strain:g}, {n}x{n} pattern pairs, alpha "

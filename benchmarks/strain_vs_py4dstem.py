@@ -51,11 +51,31 @@ def simulate(args):
     rmax = np.hypot((Y - 1) / 2, (X - 1) / 2)
     tilt = np.stack([xx - (X - 1) / 2, yy - (Y - 1) / 2], -1) * args.tilt_max / rmax
     t0 = time.perf_counter()
+    spec = None
+    if getattr(args, "sim_g_max", None) or getattr(args, "sim_strain_order", None) is not None:
+        spec = nbed.NBEDTableSpec(g_max=args.sim_g_max or nbed.NBEDTableSpec().g_max,
+                                  strain_order=2 if args.sim_strain_order is None else args.sim_strain_order)
+        print(f"simulating with another Bloch-wave table than diffkit's default: g_max {spec.g_max} 1/A, "
+              f"strain order {spec.strain_order} (computed once, cached)")
+    tail = getattr(args, "psf_tail", 0.0) or 0.0
     scan = nbed.simulate_nbed(f["exx"], f["eyy"], f["exy"], f["theta_deg"], thickness_nm=t, tilt_mrad=tilt,
                               convergence_mrad=args.alpha, pixel_size_mrad=args.alpha / args.radius_px,
-                              detector_px=args.detector, dose=args.dose, background=args.background,
-                              radial_background=0.01, blur_px=args.blur, center_offset_px=(0.3, -0.2), seed=args.seed,
-                              progress=True)
+                              detector_px=args.detector, dose=np.inf if tail else args.dose,
+                              background=args.background, radial_background=0.01, blur_px=args.blur,
+                              center_offset_px=(0.3, -0.2), seed=args.seed, progress=True, table_spec=spec)
+    if tail:
+        # a detector point-spread function with a long tail (charge sharing / backscatter of a direct
+        # detector): (1 - tail) * G(blur) + tail * G(3 px), then Poisson noise at the dose
+        import torch
+
+        from diffkit.strain.nbed import gaussian_blur
+
+        x = torch.as_tensor(scan.patterns.reshape(-1, *scan.patterns.shape[2:]), dtype=torch.float32)
+        y = (1 - tail) * x + tail * gaussian_blur(x, 3.0)
+        lam = y / y.sum((1, 2), keepdim=True) * args.dose
+        gen = torch.Generator().manual_seed(args.seed)
+        scan.patterns = torch.poisson(lam, generator=gen).numpy().reshape(scan.patterns.shape)
+        print(f"detector PSF with a {tail:.0%} tail of sigma 3 px")
     print(f"simulated {Y * X} patterns in {time.perf_counter() - t0:.1f} s")
     return scan, f["reference"]
 
@@ -252,6 +272,13 @@ def main(argv=None):
     ap.add_argument("--tilt-max", type=float, default=0.8)
     ap.add_argument("--thickness", type=float, nargs=2, default=(60.0, 90.0), help="thickness wedge along y (nm)")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--sim-g-max", type=float, default=None,
+                    help="simulate with a Bloch-wave table of this many beams (|g| <= G_MAX 1/A) instead of the "
+                         "default 1.5, so that refine='model' (which uses the default table) meets data it was "
+                         "not made from")
+    ap.add_argument("--sim-strain-order", type=int, default=None, help="strain order of that table (0, 1, 2)")
+    ap.add_argument("--psf-tail", type=float, default=0.0,
+                    help="fraction of the detector PSF in a sigma = 3 px tail (model mismatch for refine='model')")
     ap.add_argument("--methods", nargs="+", default=["anchor-free", "subimage-cnn"])
     ap.add_argument("--refine", nargs="+", default=["cnn"], help="diffkit refinement(s): cnn, fit, none")
     ap.add_argument("--upsample", nargs="+", type=int, default=[16, 32])
@@ -282,7 +309,8 @@ def main(argv=None):
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "scan": {"shape": list(args.scan), "detector_px": H, "alpha_mrad": args.alpha, "radius_px": r,
                  "dose_e_per_pattern": args.dose, "thickness_nm": f"{args.thickness[0]:g}-{args.thickness[1]:g} wedge", "tilt_max_mrad": args.tilt_max,
-                 "max_exx": float(scan.truth.exx.max()), "required_disks_per_pattern": float(req.sum(1).mean())},
+                 "max_exx": float(scan.truth.exx.max()), "required_disks_per_pattern": float(req.sum(1).mean()),
+                 "sim_g_max": args.sim_g_max, "sim_strain_order": args.sim_strain_order, "psf_tail": args.psf_tail},
     }
     dk = run_diffkit(scan, ref, args)
     det = match(dk["detection"].pop("pred"), T, req, 0.5 * r)

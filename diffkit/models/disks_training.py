@@ -620,7 +620,7 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
 
 
 def pair_strain(models, unstrained, strained, calibration, method: str = "subimage-cnn", refine="cnn") -> np.ndarray:
-    """Strain of each strained pattern relative to its unstrained twin.
+    """Strain of each strained pattern relative to its unstrained twin (``refine``: "cnn", "fit", "model").
 
     ``unstrained`` and ``strained`` are (N, H, W) patterns of the same positions (same thickness,
     tilt and noise seed). Both are measured with ``models`` (``"subimage-cnn"`` at the lattice of
@@ -633,11 +633,19 @@ def pair_strain(models, unstrained, strained, calibration, method: str = "subima
     from ..strain.mapping import _fit, lattice_guess
 
     G0, o0, hk = lattice_guess(unstrained, calibration, models=models)
-    kw = dict(method=method, refine=refine, models=models)
+    kw = dict(method=method, refine="cnn" if refine == "model" else refine, models=models)
     if method == "subimage-cnn":
         kw["lattice"] = (G0, o0, hk)
     fa = _fit(detect_disks(unstrained, calibration, **kw), G0, o0, "auto")
     fb = _fit(detect_disks(strained, calibration, **kw), G0, o0, "auto")
+    if refine == "model":  # physics-model fit of every pattern (the unstrained set is the reference crystal)
+        from ..strain.mapping import _model_refine
+        from ..strain.modelfit import match_table, table_for_calibration
+
+        tab = table_for_calibration(calibration)
+        mf = (tab, match_table(tab, G0, hk, calibration.pixel_size_mrad))
+        fa = _model_refine(unstrained, fa, mf, calibration, models.device)
+        fb = _model_refine(strained, fb, mf, calibration, models.device)
     ok = np.nonzero((fa["status"] == 0) & (fb["status"] == 0))[0]
     e = strain_from_lattice(fb["G"][ok], fa["G"][ok])
     return np.stack([e["exx"], e["eyy"], e["exy"]], 1).astype(float).reshape(-1, 3)

@@ -2,7 +2,8 @@
 
 Pipeline: neural Bragg-disk detection (:func:`detect_disks`: anchor-free detector with
 soft-argmax sub-pixel offsets, seed 002, refined by a sub-image CNN, seed 001) ->
-per-pattern weighted lattice fit (:func:`fit_lattice`) -> strain relative to a reference
+per-pattern weighted lattice fit (:func:`fit_lattice`) -> optionally a physics-model fit of
+every pattern with its simulated disks (:func:`refine_lattice_model`, ``refine="model"``) -> strain relative to a reference
 region with an exact definition (:func:`strain_from_lattice`) -> maps on dask chunks with
 incremental zarr output and resume (:func:`map_strain`). Also phase maps from lattice
 distances (:func:`phase_map`), virtual images (:func:`virtual_image`), and simulated NBED
@@ -25,6 +26,7 @@ _LAZY = {
     "map_strain": "mapping", "lattice_guess": "mapping", "strain_dataset": "mapping",
     "phase_map": "phases", "Phase": "phases", "classify_lattices": "phases",
     "virtual_image": "virtual",
+    "refine_lattice_model": "modelfit", "match_table": "modelfit",
     "plot_strain_maps": "plots", "strain_images": "plots",
 }
 

@@ -18,12 +18,16 @@ from ..errors import BadInputError
 from .lattice import (STATUS, fit_lattice, lattice_guess_autocorrelation, reference_lattice, region_mask,
                       strain_from_lattice)
 
-FORMAT = "diffkit-strain-map-v1"
+FORMAT = "diffkit-strain-map-v2"
 _FIELDS = {  # name: (dtype, fill)
     "g1x": ("f8", np.nan), "g1y": ("f8", np.nan), "g2x": ("f8", np.nan), "g2y": ("f8", np.nan),
     "origin_x": ("f8", np.nan), "origin_y": ("f8", np.nan), "residual_px": ("f4", np.nan),
     "n_disks": ("i2", 0), "status": ("i1", 5),
+    # by-products of refine="model" (NaN otherwise)
+    "thickness_nm": ("f4", np.nan), "tilt_x_mrad": ("f4", np.nan), "tilt_y_mrad": ("f4", np.nan),
+    "chi2_per_px": ("f4", np.nan),
 }
+REFINE = ("cnn", "fit", "model", None)
 
 
 def _unwrap(data, calibration):
@@ -119,15 +123,25 @@ def _basis_from_points(pos, w=None):
 
 
 def process_patterns(patterns, guess, calibration=None, method: str = "anchor-free", models=None,
-                     fallback: bool = True, weights: str = "auto", refine="cnn"):
+                     fallback: bool = True, weights: str = "auto", refine="cnn", model_fit=None):
     """Detect disks and fit the lattice of a batch of patterns (B, H, W) against ``guess = (G, origin, hk)``.
 
+    ``refine="model"`` needs ``model_fit = (table, match)`` (see :mod:`diffkit.strain.modelfit`):
+    the network + lattice-fit result is then refined by fitting each pattern with its simulated
+    disks.
+
     Returns a dict of per-pattern arrays: ``G (B, 2, 2)``, ``origin (B, 2)``, ``residual_px``,
-    ``n_disks``, ``status`` (codes of :data:`diffkit.strain.lattice.STATUS`).
+    ``n_disks``, ``status`` (codes of :data:`diffkit.strain.lattice.STATUS`), and with
+    ``refine="model"`` also ``thickness_nm``, ``tilt_mrad (B, 2)`` and ``chi2_per_px``.
     """
     from .detect import detect_disks
 
     G0, o0, hk = guess
+    if refine == "model":
+        if model_fit is None:
+            raise BadInputError("refine='model' needs model_fit=(table, match)")
+        fit = process_patterns(patterns, guess, calibration, method, models, fallback, weights, "cnn")
+        return _model_refine(patterns, fit, model_fit, calibration, getattr(models, "device", None))
     det = detect_disks(patterns, calibration, method=method, lattice=(G0, o0, hk), models=models, refine=refine)
     H, W = np.shape(patterns)[-2:]
     fit = _fit(det, G0, o0, weights)
@@ -140,6 +154,45 @@ def process_patterns(patterns, guess, calibration=None, method: str = "anchor-fr
             for k in fit:
                 fit[k][redo] = f2[k]
     fit["status"] = np.where(det.status == 2, 2, fit["status"])
+    return fit
+
+
+def _reference_guess(arr, ref_mask, guess, cal, models, scheduler=None):
+    """Lattice (columns px, basis of ``guess``) of the mean pattern of the reference region, and the
+    index of its brightest disk (taken as the undiffracted beam)."""
+    mp = mean_pattern(arr, region=ref_mask, scheduler=scheduler)
+    f = process_patterns(mp[None].astype(np.float32), guess, cal, "subimage-cnn", models)
+    G = f["G"][0] if f["status"][0] == 0 else np.asarray(guess[0], float)
+    o = f["origin"][0] if f["status"][0] == 0 else np.asarray(guess[1], float)
+    # lattice points on the detector (the detector may have missed the 000 disk itself)
+    r = cal.convergence_mrad / cal.pixel_size_mrad if cal is not None and cal.pixel_size_mrad else 5.0
+    n = np.array([(h, k) for h in range(-4, 5) for k in range(-4, 5)])
+    p = o + n @ G.T
+    H, W = mp.shape
+    on = (p[:, 0] >= r) & (p[:, 0] <= W - 1 - r) & (p[:, 1] >= r) & (p[:, 1] <= H - 1 - r)
+    yy, xx = np.mgrid[:H, :W]
+    sums = [mp[np.hypot(xx - q[0], yy - q[1]) < r].sum() if ok else -np.inf for q, ok in zip(p, on)]
+    return G, tuple(int(v) for v in n[int(np.argmax(sums))])
+
+
+def _model_refine(patterns, fit, model_fit, calibration, device=None):
+    from .modelfit import refine_lattice_model
+
+    table, match = model_fit
+    ok = fit["status"] == 0
+    alpha = calibration.convergence_mrad if calibration is not None and calibration.convergence_mrad else None
+    if alpha is None:
+        raise BadInputError("refine='model' needs the convergence semi-angle in the calibration")
+    G = np.where(ok[:, None, None], fit["G"], np.nan)
+    o = np.where(ok[:, None], fit["origin"], np.nan)
+    r = refine_lattice_model(np.asarray(patterns, np.float32), G, o, table, match, convergence_mrad=alpha,
+                             device=device)
+    use = ok & r["ok"]
+    fit["G"] = np.where(use[:, None, None], r["G"], fit["G"])
+    fit["origin"] = np.where(use[:, None], r["origin"], fit["origin"])
+    fit["thickness_nm"] = np.where(use, r["thickness_nm"], np.nan)
+    fit["tilt_mrad"] = np.where(use[:, None], r["tilt_mrad"], np.nan)
+    fit["chi2_per_px"] = np.where(use, r["chi2_per_px"], np.nan)
     return fit
 
 
@@ -212,7 +265,7 @@ def _open_store(store, shape, chunk_rows, meta, overwrite, resume):
 def map_strain(data, reference_region=None, *, calibration=None, method: str = "anchor-free", store=None,
                scheduler=None, progress: bool = True, callback=None, chunk_rows: int | None = None,
                guess=None, frame_rotation_deg: float = 0.0, models=None, overwrite: bool = False,
-               resume: bool = True, weights: str = "auto", refine="cnn"):
+               resume: bool = True, weights: str = "auto", refine="cnn", model_table=None):
     """Strain, rotation and lattice maps of an NBED scan.
 
     Parameters
@@ -250,8 +303,17 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     weights : {"auto", "noise", "sigma", "intensity", "uniform"}
         Weights of the lattice fit (see :func:`disk_weights`); ``"auto"``: inverse variance
         from the edge fit with ``refine="fit"``, else from the disk counts (``"noise"``).
-    refine : {"cnn", "fit", None}
+    refine : {"cnn", "fit", "model", None}
         Centre refinement of :func:`diffkit.strain.detect_disks` (default the sub-image CNN).
+        ``"model"``: after the networks and the lattice fit, fit every pattern with its own
+        simulated disks (Bloch-wave intensities of the crystal, thickness, tilt, convergence and
+        blur fitted; :mod:`diffkit.strain.modelfit`). Several times more precise on strongly
+        dynamical disks (thick crystals, α ≳ 1.5 mrad) and ~40x slower; needs material, zone axis,
+        beam energy and convergence in the calibration, and adds ``thickness_nm``,
+        ``tilt_x_mrad``, ``tilt_y_mrad`` (detector axes) and ``chi2_per_px`` maps.
+    model_table : DiskIntensityTable or NBEDTableSpec, optional
+        Crystal table for ``refine="model"`` (default: the calibration's crystal, computed once
+        and cached; ~10 min on 2 cores the first time).
 
     Returns
     -------
@@ -264,7 +326,23 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     sy, sx = arr.shape[:2]
     if method not in ("anchor-free", "subimage-cnn"):
         raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
+    if refine is True:
+        refine = "cnn"
+    if refine in (False, "none"):
+        refine = None
+    if refine not in REFINE:
+        raise BadInputError(f"refine must be one of {REFINE}, got {refine!r}")
     ref_mask = region_mask(reference_region, (sy, sx))
+    table = None
+    if refine == "model":
+        from .modelfit import table_for_calibration
+        from .nbed import DiskIntensityTable
+
+        if cal is None or not cal.convergence_mrad:
+            from ..errors import MissingCalibrationError
+
+            raise MissingCalibrationError("refine='model' needs the convergence semi-angle (calibration.convergence_mrad)")
+        table = model_table if isinstance(model_table, DiskIntensityTable) else table_for_calibration(cal, model_table)
     from .detect import select_disk_models
 
     models = models or select_disk_models(cal)
@@ -274,12 +352,21 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     if guess is None:
         guess = lattice_guess(mean_pattern(arr, scheduler=sched if client is None else None), cal, models)
     G_guess, o_guess, hk = (np.asarray(guess[0], float), np.asarray(guess[1], float), np.asarray(guess[2], int))
+    model_fit = None
+    if table is not None:
+        from .modelfit import match_table
+
+        # the model's unstrained crystal: the lattice of the reference region's mean pattern
+        G_ref, shift = _reference_guess(arr, ref_mask, (G_guess, o_guess, hk), cal, models,
+                                        sched if client is None else None)
+        model_fit = (table, match_table(table, G_ref, hk, cal.pixel_size_mrad, origin_shift=shift))
     chunk_rows = int(chunk_rows or max(1, 512 // sx))
     n_chunks = math.ceil(sy / chunk_rows)
     meta = {"format": FORMAT, "shape": [int(sy), int(sx)], "detector": [int(v) for v in arr.shape[2:]],
             "method": method, "chunk_rows": chunk_rows, "weights": weights, "refine": str(refine),
             "G_guess": np.round(G_guess, 9).tolist(), "origin_guess": np.round(o_guess, 9).tolist(),
-            "hk": hk.tolist(), "model": models.card.get("id", "")}
+            "hk": hk.tolist(), "model": models.card.get("id", ""),
+            "model_table": table.spec.key() if table is not None else ""}
     out = {k: np.full((sy, sx), fill, dtype=dt) for k, (dt, fill) in _FIELDS.items()}
     done = np.zeros(n_chunks, bool)
     grp = None
@@ -304,6 +391,11 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
                 "origin_y": res["origin"].reshape(r1 - r0, sx, 2)[..., 1],
                 "residual_px": res["residual_px"].reshape(r1 - r0, sx), "n_disks": res["n_disks"].reshape(r1 - r0, sx),
                 "status": res["status"].reshape(r1 - r0, sx)}
+        if "thickness_nm" in res:
+            vals.update(thickness_nm=res["thickness_nm"].reshape(r1 - r0, sx),
+                        tilt_x_mrad=res["tilt_mrad"][:, 0].reshape(r1 - r0, sx),
+                        tilt_y_mrad=res["tilt_mrad"][:, 1].reshape(r1 - r0, sx),
+                        chi2_per_px=res["chi2_per_px"].reshape(r1 - r0, sx))
         for k, v in vals.items():
             out[k][r0:r1] = v
             if grp is not None:
@@ -324,7 +416,7 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
         for i in todo:
             blk = arr[i * chunk_rows:min(sy, (i + 1) * chunk_rows)]
             f = client.submit(_process_block, blk, (G_guess, o_guess, hk), cal, method, weights, refine, models.source,
-                              pure=False)
+                              None if model_fit is None else (model_fit[0].spec, model_fit[1]), pure=False)
             futs[f] = i
         for f in as_completed(futs):
             finish_block(futs[f], f.result())
@@ -333,7 +425,7 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
             r0, r1 = i * chunk_rows, min(sy, (i + 1) * chunk_rows)
             blk = arr[r0:r1].compute(scheduler=sched) if sched is not None else arr[r0:r1].compute()
             res = process_patterns(np.asarray(blk, np.float32).reshape(-1, *arr.shape[2:]), (G_guess, o_guess, hk),
-                                   cal, method, models, weights=weights, refine=refine)
+                                   cal, method, models, weights=weights, refine=refine, model_fit=model_fit)
             finish_block(i, res)
     if bar is not None:
         bar.close()
@@ -350,13 +442,18 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     return ds
 
 
-def _process_block(blk, guess, cal, method, weights, refine, model_source=""):
+def _process_block(blk, guess, cal, method, weights, refine, model_source="", model_spec=None):
     from .detect import load_disk_models, select_disk_models
 
     b = np.asarray(blk, np.float32)
     models = load_disk_models(model_source + ".json") if model_source else select_disk_models(cal)
+    model_fit = None
+    if model_spec is not None:  # the worker loads the crystal table from its own cache (or computes it)
+        from .nbed import disk_intensity_table
+
+        model_fit = (disk_intensity_table(model_spec[0]), model_spec[1])
     return process_patterns(b.reshape(-1, *b.shape[2:]), guess, cal, method, models, weights=weights,
-                            refine=refine)
+                            refine=refine, model_fit=model_fit)
 
 
 def strain_dataset(fields: dict, reference_mask, frame_rotation_deg: float = 0.0, calibration=None):
@@ -379,6 +476,12 @@ def strain_dataset(fields: dict, reference_mask, frame_rotation_deg: float = 0.0
             "residual_px": (dims, np.asarray(fields["residual_px"]), {"units": "px", "long_name": "weighted rms fit residual"}),
             "n_disks": (dims, np.asarray(fields["n_disks"]), {"units": "1"}),
             "status": (dims, st, {"units": "1", "long_name": "0 ok; see attrs status_codes"}),
+            **{k: (dims, np.asarray(fields[k], np.float32), {"units": u, "long_name": n})
+               for k, u, n in (("thickness_nm", "nm", "specimen thickness (refine='model')"),
+                               ("tilt_x_mrad", "mrad", "specimen tilt x, detector axes (refine='model')"),
+                               ("tilt_y_mrad", "mrad", "specimen tilt y, detector axes (refine='model')"),
+                               ("chi2_per_px", "1", "reduced Poisson chi-square of the disk model"))
+               if k in fields and np.isfinite(np.asarray(fields[k], float)).any()},
             "reference": (dims, np.asarray(reference_mask, bool)),
         }
     )

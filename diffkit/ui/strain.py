@@ -57,6 +57,10 @@ class StrainExplorer(Viewer):
     source = param.ClassSelector(class_=CatalogSource, doc="Catalog and entry")
     method = param.Selector(default="anchor-free", objects=["anchor-free", "subimage-cnn"],
                             label="Disk detection")
+    refine = param.Selector(default="cnn", objects=["cnn", "model"], label="Centre refinement",
+                            doc="'cnn': sub-image network (fast); 'model': fit each pattern with its simulated disks "
+                                "(needs material, zone and convergence in the calibration; ~40x slower, several "
+                                "times more precise on thick crystals; the crystal table is computed once, ~10 min)")
     reference = param.Tuple(default=None, length=4, allow_None=True,
                             doc="Reference region (y0, y1, x0, x1), half-open scan positions; None = whole scan")
     stride = param.Integer(default=1, bounds=(1, 8), label="Preview: every n-th position",
@@ -171,7 +175,7 @@ class StrainExplorer(Viewer):
         arr, cal, truth = self._run_inputs()
         self._pending_run = {"stride": int(self.stride), "calibration": cal, "truth": truth}
         return map_strain(arr, self._sub_region(self.reference, int(self.stride)), calibration=cal, method=self.method,
-                          scheduler=self.scheduler, progress=False, callback=self._callback)
+                          scheduler=self.scheduler, progress=False, callback=self._callback, refine=self.refine)
 
     def _begin(self):
         self._cancel.clear()
@@ -378,7 +382,7 @@ class StrainExplorer(Viewer):
 
     def controls(self):
         src = source_widgets(self.source, self._given_data)
-        w = pn.Param(self.param, parameters=["method", "stride"], show_name=False,
+        w = pn.Param(self.param, parameters=["method", "refine", "stride"], show_name=False,
                      widgets={"stride": {"type": pn.widgets.IntSlider, "css_classes": ["diffkit-stride"]}})
         ref = pn.pane.Markdown(pn.bind(lambda r: "Reference region: " + (
             "whole scan" if r is None else f"y {r[0]}:{r[1]}, x {r[2]}:{r[3]}"), self.param.reference))
