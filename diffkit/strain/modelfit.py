@@ -146,6 +146,7 @@ class _DiskModel:
         # (T, C, K*Q*Q): per thickness node, a matrix that strain coefficients multiply
         self.Im = Ib.permute(2, 0, 1, 3, 4).reshape(Ib.shape[2], Ib.shape[0], -1).contiguous()
         self.I0 = Ib[0].transpose(0, 1).contiguous()  # (T, K, Q, Q) unstrained
+        self.strength = Ib[0].mean(dim=(1, 2, 3)).cpu().numpy()  # (K,) mean intensity of each disk
         self.g = torch.as_tensor(np.asarray(table.g_mrad, float)[beams], dtype=torch.float32, device=device)
         self.D0 = np.asarray(D0, float)
         self.D0inv = torch.as_tensor(np.linalg.inv(self.D0), dtype=torch.float32, device=device)
@@ -154,7 +155,7 @@ class _DiskModel:
         self.qa = np.asarray(table.q_axis, float)
         self.K = len(beams)
 
-    def interiors(self, t, eps=None, slope: bool = True):
+    def interiors(self, t, eps=None, slope: bool = True, disks=None):
         """Disk intensities (B, K, Q, Q) at thickness t (B,) for strain eps (B, 3) (None: unstrained) and d/dt."""
         tax = self.tax
         tf = (np.clip(t, tax[0], tax[-1]) - tax[0]) / (tax[1] - tax[0])
@@ -162,8 +163,9 @@ class _DiskModel:
         w = torch.as_tensor(tf - i0, dtype=torch.float32, device=self.dev)[:, None, None, None]
         i0t = torch.as_tensor(i0, device=self.dev)
         if eps is None:
-            IA = self.I0[i0t]
-            IB = self.I0[i0t + 1]
+            I0 = self.I0 if disks is None else self.I0[:, torch.as_tensor(disks, device=self.dev)]
+            IA = I0[i0t]
+            IB = I0[i0t + 1]
             return (IA * (1 - w) + IB * w).clamp_min(0), (self._slope(t) if slope else None)
         e = torch.as_tensor(eps, dtype=torch.float32, device=self.dev)
         C = self.C
@@ -198,7 +200,7 @@ class _DiskModel:
         return (b - a) / torch.as_tensor(np.maximum(hi - lo, 1e-9), dtype=torch.float32,
                                           device=self.dev)[:, None, None, None]
 
-    def render(self, Ik, pos, win0, S, tilt, alpha, sigma):
+    def render(self, Ik, pos, win0, S, tilt, alpha, sigma, search: bool = False):
         """Windows (B, K, S, S): pos (B, K, 2) px, win0 (B, K, 2) window origins, tilt (B, 2) mrad,
         alpha (B,) mrad, sigma (B,) px; Ik (B, K, Q, Q)."""
         B, K = pos.shape[:2]
@@ -218,7 +220,7 @@ class _DiskModel:
                               mode="bilinear", padding_mode="border", align_corners=True).view(B, K, S, S)
         u = val * cover
         core = _blur(u, sigma)
-        if not self.halo_px:
+        if not self.halo_px or search:  # grid searches: the sharp component only
             return core[:, :, None]
         # a broad component of the detector's point-spread function (charge sharing, backscatter):
         # its amount per disk is a linear parameter, its width fixed
@@ -316,6 +318,7 @@ class _FitContext:
     """Data windows and model of a batch; searches and Levenberg-Marquardt on subsets of it."""
 
     STEPS = dict(pos=0.02, t=0.25, tilt=0.01, alpha=0.005, sigma=0.01)
+    SEARCH_DISKS = 5
 
     def __init__(self, model, data, ins, win0, S, g_mrad, D0, alpha0, q_lim, fit_optics=True):
         self.fit_optics = fit_optics
@@ -331,21 +334,33 @@ class _FitContext:
     def positions(self, p):
         return self.T(p.c)[:, None, :] + torch.einsum("bij,kj->bki", self.T(p.L), self.g)
 
-    def render(self, Ik, pos, idx, tilt, alpha, sigma):
-        return self.m.render(Ik, pos, self.win0[idx], self.S, self.T(tilt), self.T(alpha), self.T(sigma))
+    def render(self, Ik, pos, idx, tilt, alpha, sigma, search: bool = False):
+        return self.m.render(Ik, pos, self.win0[idx], self.S, self.T(tilt), self.T(alpha), self.T(sigma), search)
 
     def start(self, p, idx, t_grid, tilts, n_best=1, tilts2=None):
         """Grid search of (thickness, tilt) with unstrained intensities; ``n_best`` local thickness
         minima are then tried with each tilt of ``tilts2``."""
         b = len(idx)
-        data, w = self.data[idx], self.w0[idx]
-        pos = self.positions(p)
+        # the brightest disks only (the undiffracted beam and the first orders carry most of the
+        # thickness and tilt information), sharp component only
+        disks = np.sort(np.argsort(-self.m.strength)[:self.SEARCH_DISKS])
+        dt = torch.as_tensor(disks, device=self.dev)
+        data, w = self.data[idx][:, dt], self.w0[idx][:, dt]
+        pos = self.positions(p)[:, dt]
+        win0 = self.win0[idx][:, dt]
+        T = self.T
+
+        def interiors(t_):
+            return self.m.interiors(t_, slope=False, disks=disks)[0]
+
+        def render(Ik, tl):
+            return self.m.render(Ik, pos, win0, self.S, T(tl), T(p.alpha), T(p.sigma), search=True)
+
         chi = np.empty((len(t_grid), len(tilts), b))
         for j, tj in enumerate(t_grid):
-            Ik, _ = self.m.interiors(np.full(b, tj), slope=False)
+            Ik = interiors(np.full(b, tj))
             for i, tl in enumerate(tilts):
-                v = self.render(Ik, pos, idx, np.tile(tl, (b, 1)), p.alpha, p.sigma)
-                chi[j, i] = _linear_fit(v, data, w)[1].cpu().numpy()
+                chi[j, i] = _linear_fit(render(Ik, np.tile(tl, (b, 1))), data, w)[1].cpu().numpy()
         flat = chi.reshape(-1, b)
         if tilts2 is None or n_best < 1:
             k = np.argmin(flat, 0)
@@ -372,17 +387,15 @@ class _FitContext:
             ft = tj.copy()
             for f in np.linspace(-0.6, 0.6, 7):
                 tf = np.clip(tj + f * step, self.m.tax[0], self.m.tax[-1])
-                Ik, _ = self.m.interiors(tf, slope=False)
-                v = self.render(Ik, pos, idx, np.asarray(tilts, float)[np.zeros(b, int)], p.alpha, p.sigma)
+                v = render(interiors(tf), np.asarray(tilts, float)[np.zeros(b, int)])
                 ch = _linear_fit(v, data, w)[1].cpu().numpy()
                 m_ = ch < fbest
                 fbest[m_] = ch[m_]
                 ft[m_] = tf[m_]
             tj = ft
-            Ik, _ = self.m.interiors(tj, slope=False)
+            Ik = interiors(tj)
             for tl in tilts2:
-                v = self.render(Ik, pos, idx, np.tile(tl, (b, 1)), p.alpha, p.sigma)
-                ch = _linear_fit(v, data, w)[1].cpu().numpy()
+                ch = _linear_fit(render(Ik, np.tile(tl, (b, 1))), data, w)[1].cpu().numpy()
                 m = okr & (ch < best)
                 best[m] = ch[m]
                 bt[m] = tj[m]
@@ -407,7 +420,7 @@ class _FitContext:
         cur = self.evaluate(p, idx, w)
         lam = np.full(b, 1e-2)
         tax = m.tax
-        for _ in range(iterations):
+        for it_ in range(iterations):
             v, Ik, pos = cur["v"], cur["Ik"], cur["pos"]
             w = ins.float() / _model_counts(v, cur["coef"]).clamp_min(0.5)  # Poisson weights from the model
             coef, chi = _linear_fit(v, data, w)
@@ -464,12 +477,15 @@ class _FitContext:
             q.tilt = q.tilt * np.minimum(1, tmax / np.maximum(tn, 1e-12))[:, None]
             new = self.evaluate(q, idx, w)
             acc = (new["chi"] < cur["chi"]).cpu().numpy() & np.isfinite(new["chi"].cpu().numpy())
+            gain = ((cur["chi"] - new["chi"]) / cur["chi"].clamp_min(1e-30)).cpu().numpy()
             lam = np.where(acc, np.maximum(lam / 3, 1e-5), np.minimum(lam * 10, 1e4))
             p = p.where(acc, q)
             A_ = torch.as_tensor(acc, device=self.dev)
             for k_ in cur:
                 x_ = new[k_]
                 cur[k_] = torch.where(A_.view(-1, *([1] * (x_.ndim - 1))), x_, cur[k_])
+            if it_ >= 3 and np.all(np.where(acc, gain, 0.0) < 1e-5) and np.all(lam < 1.0):
+                break  # converged: no pattern improves its chi2 by more than 1e-5
         # final chi2 with Poisson weights from the final model
         w = ins.float() / _model_counts(cur["v"], cur["coef"]).clamp_min(0.5)
         chi = _linear_fit(cur["v"], data, w)[1].cpu().numpy()
@@ -477,7 +493,7 @@ class _FitContext:
 
 
 def refine_lattice_model(patterns, G, origin, table, match: TableMatch, *, convergence_mrad: float,
-                         iterations: int = 8, sigma0_px: float = 0.5, thickness0_nm=None, device=None,
+                         iterations: int = 5, sigma0_px: float = 0.5, thickness0_nm=None, device=None,
                          window_px: int | None = None, retry: bool = True, blur_px: float | None = None,
                          halo_px: float | None = HALO_PX, min_beam_fraction: float = 0.002) -> dict:
     """Refine per-pattern lattices by fitting each pattern with simulated disks (see module docstring).
