@@ -129,3 +129,26 @@ def test_model_refinement_survives_a_detector_psf_tail(table):
         assert np.std(ds[k].values[ref]) < 0.5 * np.std(cnn[k].values[ref]), k
         assert abs(np.mean(ds[k].values[~ref] - tr[k].values[~ref])) < 1e-4, k
     assert np.abs(ds.thickness_nm.values - tr.thickness_nm.values).max() < 1.0
+
+
+def test_model_refinement_resumes_from_its_store(thick_scan, table, tmp_path):
+    """An interrupted refine="model" map resumes from its zarr store and equals the uninterrupted map."""
+    scan, ref = thick_scan
+    models = load_disk_models("disks_nbed", device="cpu")
+    kw = dict(calibration=scan.calibration, method="subimage-cnn", models=models, progress=False, refine="model",
+              model_table=table)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done, total, partial):
+        if done >= 4:
+            raise Stop
+
+    store = tmp_path / "model.zarr"
+    with pytest.raises(Stop):
+        map_strain(scan.patterns, ref, store=store, chunk_rows=2, callback=stop_after_two, **kw)
+    resumed = map_strain(scan.patterns, ref, store=store, chunk_rows=2, **kw)
+    whole = map_strain(scan.patterns, ref, **kw)
+    for k in ("exx", "eyy", "exy", "thickness_nm", "tilt_x_mrad"):
+        np.testing.assert_allclose(resumed[k].values, whole[k].values, atol=1e-6)
