@@ -11,20 +11,22 @@ thickness and tilt instead of by the disk positions.
 
 Model of disk ``n`` (table beam ``g_n``, mrad) in pattern ``b``::
 
-    counts(x) = a_bn * blur_sigma[ I_n(q(x), t) * aperture(x) ] + c_bn
+    counts(x) = a_bn * blur_sigma[U](x) + h_bn * blur_2.5px[U](x) + c_bn
+    U(x)      = I_n(q(x), t) * aperture(x)
     position  = origin + L g_n                     (L: 2x2, px per mrad)
     q(x)      = D0^-1 (x - position) + tilt        (incident direction, mrad)
     aperture  = area of the pixel inside |D0^-1 (x - position)| < alpha   (straight-edge approximation)
 
-with ``D0`` the reference map from mrad to px (from the scan's lattice guess: detector rotation,
-pixel size, and any distortion), ``s0 = sqrt|det D0|``. Free per pattern: origin (2), ``L``
-(4), thickness ``t`` (nm), tilt (2, mrad), convergence semi-angle ``alpha`` (mrad), blur
-``sigma`` (px) and, linear, a scale ``a`` and a background ``c`` per disk (so the fit does not
-rely on absolute intensities). The strained crystal's intensities come from the table's
-strain derivatives at the current ``L``. Poisson-weighted Levenberg-Marquardt; the Jacobian
-uses the chain rule for the positions (all disks shifted at once) and forward differences
-for the rest, batched over patterns. Thickness starts from a grid search, tilt from a 5x5
-grid around zero.
+with ``D0`` the reference map from mrad to px (the lattice of the reference region: detector
+rotation, pixel size, and any distortion). Free per pattern: origin (2), ``L`` (4), thickness
+``t`` (nm), tilt (2, mrad), convergence semi-angle ``alpha`` (mrad), blur ``sigma`` (px) and,
+linear, per disk a scale ``a``, the amount ``h`` of a broad point-spread component (detector
+tails) and a background ``c`` (so the fit does not rely on absolute intensities or on a known
+PSF). The strained crystal's intensities come from the table's strain derivatives at the current
+``L``. Poisson-weighted Levenberg-Marquardt with the linear parameters eliminated per disk; the
+Jacobian uses the chain rule for the positions (all disks shifted at once) and forward
+differences for the rest, batched over patterns. Thickness and tilt start from grid searches
+on the brightest disks; patterns left with a high chi-square are restarted from a finer grid.
 
 The fitted lattice vectors are returned in the caller's basis; thickness and tilt come out
 too (they are by-products, as good as the table's physics).
