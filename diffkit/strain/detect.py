@@ -435,6 +435,17 @@ def _polish(models, x, b_idx, pos, radius, inten):
     return pos, sig, ok
 
 
+def normalise_refine(refine, allowed):
+    """``refine`` with ``True`` -> ``"cnn"`` and ``False``/``"none"`` -> ``None``, checked against ``allowed``."""
+    if refine is True:
+        refine = "cnn"
+    if refine in (False, "none"):
+        refine = None
+    if refine not in allowed:
+        raise BadInputError(f"refine must be one of {tuple(allowed)}, got {refine!r}")
+    return refine
+
+
 def _radius_and_binning(calibration, radius_px):
     r = None
     if radius_px is not None:
@@ -486,12 +497,7 @@ def detect_disks(patterns, calibration=None, method: str = "anchor-free", *, ref
     """
     if method not in ("anchor-free", "subimage-cnn"):
         raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
-    if refine is True:
-        refine = "cnn"
-    if refine in (False, "none"):
-        refine = None
-    if refine not in ("fit", "cnn", None):
-        raise BadInputError(f"refine must be 'fit', 'cnn' or None, got {refine!r}")
+    refine = normalise_refine(refine, ("fit", "cnn", None))
     models = models or select_disk_models(calibration, device=device)
     dev = models.device
     r_cal, nbin = _radius_and_binning(calibration, radius_px)

@@ -326,12 +326,9 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     sy, sx = arr.shape[:2]
     if method not in ("anchor-free", "subimage-cnn"):
         raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
-    if refine is True:
-        refine = "cnn"
-    if refine in (False, "none"):
-        refine = None
-    if refine not in REFINE:
-        raise BadInputError(f"refine must be one of {REFINE}, got {refine!r}")
+    from .detect import normalise_refine, select_disk_models
+
+    refine = normalise_refine(refine, REFINE)
     ref_mask = region_mask(reference_region, (sy, sx))
     table = None
     if refine == "model":
@@ -343,8 +340,6 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
 
             raise MissingCalibrationError("refine='model' needs the convergence semi-angle (calibration.convergence_mrad)")
         table = model_table if isinstance(model_table, DiskIntensityTable) else table_for_calibration(cal, model_table)
-    from .detect import select_disk_models
-
     models = models or select_disk_models(cal)
     t0 = time.perf_counter()
     client = scheduler if hasattr(scheduler, "submit") else None
