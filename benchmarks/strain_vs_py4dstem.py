@@ -52,12 +52,12 @@ def simulate(args):
     tilt = np.stack([xx - (X - 1) / 2, yy - (Y - 1) / 2], -1) * args.tilt_max / rmax
     t0 = time.perf_counter()
     spec = None
-    if getattr(args, "sim_g_max", None) or getattr(args, "sim_strain_order", None) is not None:
+    if args.sim_g_max or args.sim_strain_order is not None:
         spec = nbed.NBEDTableSpec(g_max=args.sim_g_max or nbed.NBEDTableSpec().g_max,
                                   strain_order=2 if args.sim_strain_order is None else args.sim_strain_order)
         print(f"simulating with another Bloch-wave table than diffkit's default: g_max {spec.g_max} 1/A, "
               f"strain order {spec.strain_order} (computed once, cached)")
-    tail = getattr(args, "psf_tail", 0.0) or 0.0
+    tail = args.psf_tail
     scan = nbed.simulate_nbed(f["exx"], f["eyy"], f["exy"], f["theta_deg"], thickness_nm=t, tilt_mrad=tilt,
                               convergence_mrad=args.alpha, pixel_size_mrad=args.alpha / args.radius_px,
                               detector_px=args.detector, dose=np.inf if tail else args.dose,

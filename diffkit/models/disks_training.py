@@ -639,11 +639,11 @@ def pair_strain(models, unstrained, strained, calibration, method: str = "subima
     fa = _fit(detect_disks(unstrained, calibration, **kw), G0, o0, "auto")
     fb = _fit(detect_disks(strained, calibration, **kw), G0, o0, "auto")
     if refine == "model":  # physics-model fit of every pattern (the unstrained set is the reference crystal)
-        from ..strain.mapping import _model_refine
-        from ..strain.modelfit import match_table, table_for_calibration
+        from ..strain.mapping import _model_refine, prepare_model_fit
+        from ..strain.modelfit import table_for_calibration
 
-        tab = table_for_calibration(calibration)
-        mf = (tab, match_table(tab, G0, hk, calibration.pixel_size_mrad))
+        mf = prepare_model_fit(table_for_calibration(calibration), unstrained[None], None, (G0, o0, hk), calibration,
+                               models)
         fa = _model_refine(unstrained, fa, mf, calibration, models.device)
         fb = _model_refine(strained, fb, mf, calibration, models.device)
     ok = np.nonzero((fa["status"] == 0) & (fb["status"] == 0))[0]

@@ -157,15 +157,30 @@ def process_patterns(patterns, guess, calibration=None, method: str = "anchor-fr
     return fit
 
 
+def prepare_model_fit(table, arr, ref_mask, guess, cal, models, scheduler=None):
+    """``(table, match)`` for ``refine="model"``: the crystal table related to the scan's lattice.
+
+    The model's unstrained crystal is the lattice of the reference region's mean pattern
+    (``arr`` (scan_y, scan_x, H, W), ``ref_mask`` None = the whole scan), and its undiffracted
+    beam that pattern's brightest lattice point.
+    """
+    from .modelfit import match_table
+
+    G_ref, shift = _reference_guess(arr, ref_mask, guess, cal, models, scheduler)
+    return table, match_table(table, G_ref, guess[2], cal.pixel_size_mrad, origin_shift=shift)
+
+
 def _reference_guess(arr, ref_mask, guess, cal, models, scheduler=None):
     """Lattice (columns px, basis of ``guess``) of the mean pattern of the reference region, and the
     index of its brightest disk (taken as the undiffracted beam)."""
+    from .detect import _radius_and_binning
+
     mp = mean_pattern(arr, region=ref_mask, scheduler=scheduler)
     f = process_patterns(mp[None].astype(np.float32), guess, cal, "subimage-cnn", models)
     G = f["G"][0] if f["status"][0] == 0 else np.asarray(guess[0], float)
     o = f["origin"][0] if f["status"][0] == 0 else np.asarray(guess[1], float)
     # lattice points on the detector (the detector may have missed the 000 disk itself)
-    r = cal.convergence_mrad / cal.pixel_size_mrad if cal is not None and cal.pixel_size_mrad else 5.0
+    r = _radius_and_binning(cal, None)[0] or 5.0
     n = np.array([(h, k) for h in range(-4, 5) for k in range(-4, 5)])
     p = o + n @ G.T
     H, W = mp.shape
@@ -349,12 +364,8 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     G_guess, o_guess, hk = (np.asarray(guess[0], float), np.asarray(guess[1], float), np.asarray(guess[2], int))
     model_fit = None
     if table is not None:
-        from .modelfit import match_table
-
-        # the model's unstrained crystal: the lattice of the reference region's mean pattern
-        G_ref, shift = _reference_guess(arr, ref_mask, (G_guess, o_guess, hk), cal, models,
-                                        sched if client is None else None)
-        model_fit = (table, match_table(table, G_ref, hk, cal.pixel_size_mrad, origin_shift=shift))
+        model_fit = prepare_model_fit(table, arr, ref_mask, (G_guess, o_guess, hk), cal, models,
+                                      sched if client is None else None)
     chunk_rows = int(chunk_rows or max(1, 512 // sx))
     n_chunks = math.ceil(sy / chunk_rows)
     meta = {"format": FORMAT, "shape": [int(sy), int(sx)], "detector": [int(v) for v in arr.shape[2:]],

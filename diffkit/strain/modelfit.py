@@ -155,7 +155,6 @@ class _DiskModel:
         self.s0 = float(math.sqrt(abs(np.linalg.det(self.D0))))
         self.tax = np.asarray(table.thickness_nm, float)
         self.qa = np.asarray(table.q_axis, float)
-        self.K = len(beams)
 
     def interiors(self, t, eps=None, slope: bool = True, disks=None):
         """Disk intensities (B, K, Q, Q) at thickness t (B,) for strain eps (B, 3) (None: unstrained) and d/dt."""
@@ -628,7 +627,7 @@ def refine_lattice_model(patterns, G, origin, table, match: TableMatch, *, conve
     out["G"][gb] = L @ match.basis_mrad
     out["origin"][gb] = c - out["G"][gb] @ shift
     out["thickness_nm"][gb] = t
-    out["tilt_mrad"][gb] = tilt @ (match.D0 / np.sqrt(abs(np.linalg.det(match.D0)))).T  # detector axes
+    out["tilt_mrad"][gb] = tilt @ (match.D0 / s0).T  # detector axes
     out["convergence_mrad"][gb] = alpha
     out["blur_px"][gb] = sigma
     out["chi2_per_px"][gb] = red
