@@ -23,3 +23,7 @@ class UnsafeCatalogError(DiffkitError, PermissionError):
 
 class ModelNotFoundError(DiffkitError, LookupError):
     """No shipped model matches the requested (material, zone, kV, convergence angle)."""
+
+
+class ModelCardError(BadInputError):
+    """A model card or the weights it names is malformed, inconsistent or fails its checksum."""

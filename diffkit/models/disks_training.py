@@ -38,6 +38,7 @@ from ..sim.detector import DetectorParams, apply_detector
 from ..strain.nbed import NBEDTableSpec, disk_intensity_table, gaussian_blur, render_nbed
 from ..strain.networks import (AnchorFreeConfig, AnchorFreeDiskNet, SubImageConfig, SubImageDiskNet,
                                count_parameters)
+from .registry import write_card
 
 
 @dataclasses.dataclass
@@ -614,7 +615,7 @@ def train_disk_models(out_dir=None, cfg: DiskTrainConfig | None = None, device=N
                                     "24 px sub-image lies on the detector",
                      **ev},
     }
-    stem.with_suffix(".json").write_text(json.dumps(card, indent=1))
+    write_card(stem.with_suffix(".json"), card)
     log(json.dumps(card["held_out"], indent=1))
     return card
 
@@ -849,7 +850,7 @@ def specialise_disk_models(material: str, zone: str, energy_kv: float, convergen
                                   "unstrained pattern pairs through the whole subimage-cnn pipeline",
                         **({"slopes": cal["slopes"], "conditions": cal["conditions"]} if cal else {})},
     }
-    stem.with_suffix(".json").write_text(json.dumps(card, indent=1))
+    write_card(stem.with_suffix(".json"), card)
     log(f"wrote {stem}.json / .safetensors")
     return card
 

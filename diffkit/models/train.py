@@ -24,7 +24,7 @@ from .pacbed_eval import evaluate, make_test_set
 from .pacbed_training import (THIN_MEASURE_MARGIN_NM, LibrarySampler, TrainConfig, calibrate_on_pipeline,
                               calibrate_temperature, feature_statistics, thin_reference_patterns, thin_rotation_ring,
                               train_align_net, train_measure_net, train_thin_measure_net)
-from .registry import WEIGHTS_DIR
+from .registry import WEIGHTS_DIR, write_card
 
 
 def default_spec(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mrad=13.6, smoke=False) -> LibrarySpec:
@@ -106,7 +106,7 @@ def train_pacbed(material="SrTiO3", zone="001", energy_kv=200.0, convergence_mra
     if thin_card:
         card["thin_measure"] = thin_card
     card_path = out_dir / f"{stem}.json"
-    card_path.write_text(json.dumps(card, indent=1))
+    write_card(card_path, card)
     recalibrate(card_path, lib=lib, config=cfg, n=512 if smoke else 4096, device=device)
     evaluate_packaged(card_path, lib, n_test=n_test, device=device, log=log)
     return card_path
@@ -137,7 +137,7 @@ def evaluate_packaged(card_path, lib, n_test: int = 2000, device=None, log=print
     rep, _ = evaluate(pred, make_test_set(lib, n=200 if card.get("smoke") else n_test))
     rep["command"] = f"diffkit evaluate pacbed --convergence {card['convergence_mrad']:g} --n {n_test}"
     card["held_out"] = rep
-    card_path.write_text(json.dumps(card, indent=1))
+    write_card(card_path, card)
     log(json.dumps({k: v for k, v in rep.items() if not isinstance(v, dict)}, indent=1))
     return rep
 
@@ -191,7 +191,7 @@ def train_thin_measure(card_path, config: TrainConfig | None = None, n_test: int
     save_file(sd, str(weights))
     card["thin_measure"] = entry
     card["training"].update({k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("thin_measure")})
-    card_path.write_text(json.dumps(card, indent=1))
+    write_card(card_path, card)
     recalibrate(card_path, lib=lib, config=cfg, n=512 if card.get("smoke") else 4096, device=device)
     evaluate_packaged(card_path, lib, n_test=n_test, device=device, log=log)
     return card_path
@@ -270,6 +270,6 @@ def recalibrate(card_path, lib=None, config: TrainConfig | None = None, n: int =
                              "vacuum (no intensity outside the disk)", "disk size vs calibration"]
     card.pop("weights_path", None)
     card.pop("card_path", None)
-    card_path.write_text(json.dumps(card, indent=1))
+    write_card(card_path, card)
     _CACHE.clear()
     return temps, table

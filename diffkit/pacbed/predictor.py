@@ -277,18 +277,17 @@ class PacbedPredictor:
         if ref is None:
             return None
         if self._thin_reference is None:
-            from safetensors.torch import load
-
+            from ..models.registry import check_tensors, read_weights
             from .lsf import LsfLibrary
 
             base = pathlib.Path(self.card.get("card_path") or self.card.get("weights_path") or ".").parent
-            path = base / ref["file"]
-            if not path.exists():
-                raise FileNotFoundError(f"thin-pattern reference {path} named by the model card is missing")
-            raw = path.read_bytes()
-            if ref.get("sha256") and hashlib.sha256(raw).hexdigest() != ref["sha256"]:
-                raise BadInputError(f"thin-pattern reference {path} does not match the model card's checksum")
-            sd = load(raw)
+            # the file name is a plain name next to the card and its checksum is mandatory (validate_card)
+            sd = read_weights(self.card, path=base / ref["file"], sha256=ref["sha256"],
+                              what="thin-pattern reference")
+            n = sd["patterns"].shape[0] if "patterns" in sd and sd["patterns"].ndim == 3 else 1
+            side = tuple(sd["patterns"].shape[1:]) if "patterns" in sd and sd["patterns"].ndim == 3 else (self.n_px,) * 2
+            check_tensors(sd, {"patterns": (n,) + side, "thickness_nm": (n,)},
+                          self.card.get("card_path", self.card["id"]), "thin-pattern reference")
             self._thin_reference = LsfLibrary.zero_tilt(
                 sd["patterns"].float().numpy(), sd["thickness_nm"].double().numpy(),
                 pixel_size_mrad=self.pixel_size_mrad, disk_radius_px=self.disk_radius_px,
@@ -615,26 +614,59 @@ def load_predictor(calibration: Calibration | None = None, *, material: str | No
 _CACHE: dict = {}
 
 
-def _load_from_card(card: dict, device=None) -> PacbedPredictor:
-    from safetensors.torch import load
+def _expected_tensors(card: dict, sd: dict) -> dict:
+    """``{name: shape}`` the card's architecture needs (bins and thin network as the file gives them)."""
+    n = int(card["geometry"]["n_px"])
+    exp = {f"align.{k}": tuple(v.shape) for k, v in AlignNet(n_px=n).state_dict().items()}
+    f = 0
+    for pre in ["measure."] + (["thin_measure."] if any(k.startswith("thin_measure.") for k in sd) else []):
+        nb = []
+        for b in ("thickness_bins", "tilt_bins"):
+            t = sd.get(pre + b)
+            nb.append(int(t.shape[0]) if t is not None and t.ndim == 1 and 2 <= t.shape[0] <= 100_000 else 2)
+        net = MeasureNet(torch.zeros(nb[0]), torch.zeros(nb[1]), n_px=n)
+        exp.update({pre + k: tuple(v.shape) for k, v in net.state_dict().items()})
+        f = net.backbone.features
+    exp["ood.mu"] = (f,)
+    exp["ood.icov"] = (f, f)
+    return exp
 
-    key = (card["weights_path"], str(device))
+
+def _load_from_card(card: dict, device=None) -> PacbedPredictor:
+    from ..errors import ModelCardError
+    from ..models.registry import check_tensors, read_checked_file, validate_card
+
+    validate_card(card, card.get("card_path", card.get("id", "<card>")), "pacbed")
+    key = (card["weights_path"], card["weights_sha256"], str(device))
     if key in _CACHE:
         return _CACHE[key]
-    raw = pathlib.Path(card["weights_path"]).read_bytes()
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    cp = card.get("card_path", card["id"])
+    raw = read_checked_file(card, card["weights_path"], card["weights_sha256"], "weights")
     # weights + calibration fingerprint: a map store written by another calibration is not resumed
     # (rotation_uncertainty: maps store the rotation_std_deg it gives)
     extra = json.dumps({k: card.get(k) for k in ("calibration_temperatures", "resolution_floor", "ood", "thin_rotation",
                                                  "rotation_uncertainty", "size_bias", "thin_measure")}, sort_keys=True)
     card = dict(card, fingerprint=hashlib.sha256(raw + extra.encode()).hexdigest()[:10])
-    sd = load(raw)  # the bytes just fingerprinted, not a second read
+    try:
+        sd = load(raw)  # the bytes just fingerprinted, not a second read
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelCardError(f"model card {cp!r}: its weights could not be read as safetensors "
+                             f"({type(exc).__name__})") from None
+    check_tensors(sd, _expected_tensors(card, sd), cp)
     g = card["geometry"]
-    align = AlignNet(n_px=g["n_px"])
-    align.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("align.")})
-    measure = MeasureNet.from_state_dict(sd, "measure.", n_px=g["n_px"])
-    thin = None
-    if card.get("thin_measure") and any(k.startswith("thin_measure.") for k in sd):
-        thin = MeasureNet.from_state_dict(sd, "thin_measure.", n_px=g["n_px"])
+    try:
+        align = AlignNet(n_px=g["n_px"])
+        align.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("align.")})
+        measure = MeasureNet.from_state_dict(sd, "measure.", n_px=g["n_px"])
+        thin = None
+        if card.get("thin_measure") and any(k.startswith("thin_measure.") for k in sd):
+            thin = MeasureNet.from_state_dict(sd, "thin_measure.", n_px=g["n_px"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelCardError(f"model card {cp!r}: its weights do not fit the card ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
     # inference only: BatchNorm folded into the convolutions, channels-last layout (oneDNN / cuDNN
     # pick faster kernels; measured ~1.3x on a 2-core CPU, same outputs to 1e-4 nm)
     for net in (align, measure, thin):
@@ -647,9 +679,10 @@ def _load_from_card(card: dict, device=None) -> PacbedPredictor:
 
 
 def load_predictor_file(card_path, device=None) -> PacbedPredictor:
-    """Load a predictor from a model-card JSON path (weights next to it, same stem)."""
-    p = pathlib.Path(card_path)
-    card = json.loads(p.read_text())
-    card["weights_path"] = str(p.with_suffix(".safetensors"))
-    card["card_path"] = str(p)
-    return _load_from_card(card, device)
+    """Load a predictor from a model-card JSON path (weights next to it, same stem).
+
+    Raises :class:`~diffkit.errors.ModelCardError` naming the card when the card, its checksums
+    or its tensors are wrong."""
+    from ..models.registry import read_card
+
+    return _load_from_card(read_card(card_path, "pacbed"), device)

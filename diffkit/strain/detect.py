@@ -22,7 +22,6 @@ pixel size) larger disks are handled by summing ``n x n`` pixel blocks first.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 
@@ -72,7 +71,7 @@ _MODELS: dict = {}
 
 
 def load_disk_models(name: str = DEFAULT_MODEL, weights_dir=None, device=None) -> DiskModels:
-    """Load ``disks_<...>.safetensors`` + ``.json`` (no pickle: ``safetensors.torch.load_file``).
+    """Load ``disks_<...>.safetensors`` + ``.json`` (no pickle; card schema, checksum and tensor shapes checked).
 
     Parameters
     ----------
@@ -82,8 +81,6 @@ def load_disk_models(name: str = DEFAULT_MODEL, weights_dir=None, device=None) -
     device : str or torch.device, optional
         Default CUDA when available, else CPU.
     """
-    from safetensors.torch import load_file
-
     dev = torch.device(device) if device is not None else default_device()
     p = pathlib.Path(name)
     if p.suffix in (".json", ".safetensors"):
@@ -98,12 +95,21 @@ def load_disk_models(name: str = DEFAULT_MODEL, weights_dir=None, device=None) -
         have = sorted(x.stem for x in WEIGHTS_DIR.glob("disks_*.json"))
         raise ModelNotFoundError(f"no disk-detection model {str(stem)!r}; shipped: {have or 'none'}. "
                                  "Train one with diffkit.models.disks_training.train_disk_models().")
-    card = json.loads(card_path.read_text())
-    sd = load_file(str(w_path))
+    from ..errors import ModelCardError
+    from ..models.registry import read_card, read_weights
+
+    card = read_card(card_path, "disks")  # schema and checksum checked; ModelCardError names the card
     af = AnchorFreeDiskNet(AnchorFreeConfig(**card["config"]["anchor_free"]))
     si = SubImageDiskNet(SubImageConfig(**card["config"]["subimage"]))
-    af.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("af.")})
-    si.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("si.")})
+    expected = {f"af.{k}": tuple(v.shape) for k, v in af.state_dict().items()}
+    expected.update({f"si.{k}": tuple(v.shape) for k, v in si.state_dict().items()})
+    sd = read_weights(card, expected)
+    try:
+        af.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("af.")})
+        si.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("si.")})
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ModelCardError(f"model card {str(card_path)!r}: its weights do not fit the card "
+                             f"({str(exc).splitlines()[0][:200]})") from None
     af = fuse_batchnorm(af.eval()).to(dev)
     si = fuse_batchnorm(si.eval()).to(dev)
     m = DiskModels(af, si, card, dev, str(stem))
@@ -152,13 +158,11 @@ def select_disk_models(calibration=None, device=None, weights_dir=None) -> DiskM
     folder = pathlib.Path(weights_dir) if weights_dir else WEIGHTS_DIR
     r, nbin = _radius_and_binning(calibration, None)
     r = None if r is None else r / nbin
-    for path in sorted(folder.glob("disks_*.json")):
-        try:
-            card = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    from ..models.registry import model_cards
+
+    for card in model_cards("disks", folder):  # broken cards are skipped with a warning
         if _model_matches(card, calibration, r):
-            return load_disk_models(path.with_suffix("").name, weights_dir=folder, device=device)
+            return load_disk_models(pathlib.Path(card["card_path"]).stem, weights_dir=folder, device=device)
     return load_disk_models(DEFAULT_MODEL, weights_dir=weights_dir, device=device)
 
 
