@@ -140,12 +140,14 @@ def cmd_evaluate(args):
     for k in keys:
         print(f"{k:28s} {rep[k]:9.3f} {shipped.get(k, float('nan')):10.3f}")
     if args.update_card:
+        from .models.registry import write_card
+
         card_path = pathlib.Path(pred.card["card_path"])
         card = json.loads(card_path.read_text())
         rep["command"] = f"diffkit evaluate pacbed --convergence {args.convergence:g} --n {args.n}" + (
             f" --plot {args.plot}" if args.plot else "")
         card["held_out"] = rep
-        card_path.write_text(json.dumps(card, indent=1))
+        write_card(card_path, card)
         print(f"held-out table written to {card_path}")
 
 
@@ -176,24 +178,71 @@ def cmd_predict(args):
     print(res.to_dataframe().T.to_string() if hasattr(res, "to_dataframe") else res)
 
 
+class CliError(Exception):
+    """A problem the command line reports in one line (exit status 1)."""
+
+
+def calibration_args(p):
+    """``--kv --convergence --pixel-size --material --zone --scan-step``: calibration of a data file
+    (overrides the file's values; for catalog entries too)."""
+    g = p.add_argument_group("calibration (overrides the file's values)")
+    g.add_argument("--kv", type=float, default=None, help="beam energy (kV)")
+    g.add_argument("--convergence", type=float, default=None, help="convergence semi-angle (mrad)")
+    g.add_argument("--pixel-size", type=float, default=None, help="detector pixel size (mrad/px)")
+    g.add_argument("--material", default=None, help="crystal, e.g. SrTiO3")
+    g.add_argument("--zone", default=None, help="zone axis, e.g. 001")
+    g.add_argument("--scan-step", type=float, default=None, help="scan step (nm)")
+
+
+def _calibration_overrides(args) -> dict:
+    vals = {"beam_energy_kv": getattr(args, "kv", None), "convergence_mrad": getattr(args, "convergence", None),
+            "pixel_size_mrad": getattr(args, "pixel_size", None), "material": getattr(args, "material", None),
+            "zone_axis": getattr(args, "zone", None), "scan_step_nm": getattr(args, "scan_step", None)}
+    return {k: v for k, v in vals.items() if v is not None}
+
+
+def _looks_like_path(s: str) -> bool:
+    from .io import SUFFIXES
+
+    return any(c in s for c in "/\\") or s.lower().rstrip("/").endswith(tuple(SUFFIXES))
+
+
 def _load_entry(args):
     from .catalog import open_catalog
 
     cat = open_catalog(_demo_catalog_path(args.catalog), **({"dose": args.dose} if args.dose else {}))
+    names = list(cat)
+    if args.entry not in names:
+        raise CliError(f"no entry {args.entry!r} in catalog {args.catalog or 'demo'}; entries: "
+                       f"{', '.join(names) or '(none)'}")
     return cat[args.entry].read()
+
+
+def load_source(args):
+    """The data of ``args.source``: a data file (with the calibration options) or a catalog entry."""
+    overrides = _calibration_overrides(args)
+    src = args.source
+    if src and pathlib.Path(src).exists():
+        from .io import load
+
+        data = load(src, calibration=overrides or None)
+        if getattr(args, "dose", None):
+            data = data.with_dose(args.dose)
+        return data
+    if src and _looks_like_path(src):
+        raise CliError(f"no such file: {src}")
+    args.entry = src or args.entry
+    data = _load_entry(args)
+    if overrides:
+        data.calibration = data.calibration.replace(**overrides)
+    return data
 
 
 def cmd_map(args):
     from .maps import map_pacbed
     from .report import compare_to_truth, plot_pacbed_maps
 
-    if args.source and pathlib.Path(args.source).exists():
-        from .io import load
-
-        data = load(args.source)
-    else:
-        args.entry = args.source or args.entry
-        data = _load_entry(args)
+    data = load_source(args)
     t = time.perf_counter()
     window = (args.window, args.window)
     step = (args.step, args.step) if args.step else None
@@ -207,7 +256,7 @@ def cmd_map(args):
         maps = run(getattr(args, "overwrite", False))
     except StoreMismatchError as e:
         if not getattr(args, "replace_stale", False):
-            raise SystemExit(f"error: {e}\n(on the command line: --overwrite starts the map over)") from None
+            raise CliError(f"{e} (on the command line: --overwrite starts the map over)") from None
         # the demo's own output folder: a store from another model or other arguments is recomputed
         print(f"{args.out} was written by another model or with other arguments: computing it again")
         t = time.perf_counter()
@@ -231,7 +280,7 @@ def cmd_demo(args):
     """The main job on the bundled demo catalog, headless: map + PNG + comparison with truth."""
     out = pathlib.Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    ns = argparse.Namespace(catalog=args.catalog, entry="sto_pacbed_wedge", source=None, dose=None,
+    ns = argparse.Namespace(catalog=args.catalog, entry="sto_pacbed_wedge", source=None, dose=None, debug=False,
                             window=5, step=None, out=str(out / "sto_pacbed_wedge_map.zarr"),
                             png=str(out / "sto_pacbed_wedge_map.png"), scheduler=args.scheduler, background=None,
                             replace_stale=True)
@@ -246,9 +295,33 @@ def cmd_serve(args):
     serve(apps=args.apps, port=args.port, address=args.address, show=args.show)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="diffkit", description=__doc__)
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (CliError, SystemExit)):
+        return msg
+    return f"{type(exc).__name__}: {msg}"
+
+
+def _options_of(args) -> list[str]:
+    """The calibration options the command accepts (those set by :func:`calibration_args`)."""
+    return ["--kv", "--pixel-size"] if hasattr(args, "pixel_size") and hasattr(args, "scan_step") else []
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status: 0 success, 1 handled error (one line on
+    stderr; the traceback with ``--debug``), 2 usage error, 130 interrupted."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    ap = argparse.ArgumentParser(prog="diffkit", description=__doc__, parents=[debug])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **kw):  # every subcommand also takes --debug (after its name)
+        kw.setdefault("parents", [debug])
+        return _add_parser(*a, **kw)
+
+    sub.add_parser = add_parser
 
     def model_args(p):
         p.add_argument("--material", default="SrTiO3")
@@ -313,7 +386,8 @@ def main(argv=None):
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("map", help="thickness/tilt maps over a 4D-STEM scan on dask chunks")
-    p.add_argument("source", nargs="?", default=None, help="data file, or an entry of the catalog")
+    p.add_argument("source", nargs="?", default=None, help="data file (any format diffkit.io.load reads), or an "
+                   "entry of the catalog")
     p.add_argument("--catalog", default=None)
     p.add_argument("--entry", default="sto_pacbed_wedge")
     p.add_argument("--dose", type=float, default=None, help="resample to this dose (e-/frame)")
@@ -325,6 +399,7 @@ def main(argv=None):
     p.add_argument("--background", type=float, default=0.0)
     p.add_argument("--overwrite", action="store_true",
                    help="start over when --out holds a map written with other arguments or another model")
+    calibration_args(p)
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("demo", help="main job on the bundled demo catalog (headless), optionally serve the dashboards")
@@ -343,13 +418,33 @@ def main(argv=None):
     p.add_argument("--show", action="store_true")
     p.set_defaults(func=cmd_serve)
 
-    args = ap.parse_args(argv)
+    args = ap.parse_args(argv)  # usage errors: argparse prints them and exits with status 2
     try:
-        return args.func(args)
+        args.func(args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # raised by a command with a message (or a status)
+        if exc.code in (None, 0):
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        print(f"diffkit: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - every runtime error: one line, traceback only with --debug
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        from .errors import MissingCalibrationError
+
+        hint = (" (on the command line: --kv, --convergence, --pixel-size, --material, --zone, --scan-step)"
+                if isinstance(exc, MissingCalibrationError) and any(a.startswith("--kv") or a == "--pixel-size"
+                                                                    for a in _options_of(args)) else "")
+        print(f"diffkit {args.cmd}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
