@@ -167,7 +167,11 @@ def cmd_predict(args):
     from .calibration import Calibration
     from .pacbed import load_predictor
 
-    arr = np.load(args.file, mmap_mode="r")
+    from .io import open_npy
+
+    if not pathlib.Path(args.file).exists():
+        raise CliError(f"no such file: {args.file}")
+    arr = open_npy(args.file)
     if arr.ndim == 4:
         arr = np.asarray(arr).reshape(-1, *arr.shape[-2:]).mean(0)
     cal = Calibration(beam_energy_kv=args.kv, convergence_mrad=args.convergence, pixel_size_mrad=args.pixel_size,

@@ -36,7 +36,12 @@ FRAME_STATUS_REASONS = {
     1: "non-finite values (NaN or inf)",
     2: "empty (all pixels zero)",
     3: "saturated (more than 1 % of pixels at the saturation value)",
+    4: "negative counts (a pixel below -5 % of the frame maximum)",
 }
+
+#: A pixel below ``-NEGATIVE_FRACTION * max(frame maximum, 1)`` marks a frame as having negative
+#: counts (status 4); dark-subtraction noise of a few counts in a bright frame stays ok.
+NEGATIVE_FRACTION = 0.05
 
 #: Fraction of pixels at the saturation value above which a frame counts as saturated.
 SATURATED_FRACTION = 0.01
@@ -47,6 +52,29 @@ TARGET_CHUNK_BYTES = 48 * 2**20
 
 def _where(source: str) -> str:
     return f"in {source!r}" if source else "in the given array"
+
+
+#: Largest plausible detector pixel size (mrad/px): 100 px then span 10 rad.
+MAX_PIXEL_SIZE_MRAD = 100.0
+
+
+def check_disk_radius(convergence_mrad, pixel_size_mrad, detector_shape, purpose: str = "this analysis") -> float:
+    """Disk radius (px) = convergence (mrad) / pixel size (mrad/px); :class:`BadInputError` unless it
+    lies between 1 px and the detector's size (a wrong unit or a typo, e.g. 1e6 mrad/px)."""
+    for name, v in (("convergence_mrad", convergence_mrad), ("pixel_size_mrad", pixel_size_mrad)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not (math.isfinite(v) and v > 0):
+            raise BadInputError(f"{purpose}: {name} must be a positive finite number, got {v!r}")
+    if float(pixel_size_mrad) > MAX_PIXEL_SIZE_MRAD:
+        raise BadInputError(f"{purpose}: pixel size {float(pixel_size_mrad):g} mrad/px is not a diffraction detector's "
+                            f"(at most {MAX_PIXEL_SIZE_MRAD:g} mrad/px); check the unit (mrad/px)")
+    r = float(convergence_mrad) / float(pixel_size_mrad)
+    size = max(int(v) for v in tuple(detector_shape)[-2:])
+    if not (math.isfinite(r) and 1.0 <= r <= size):
+        raise BadInputError(
+            f"{purpose}: convergence {float(convergence_mrad):g} mrad at {float(pixel_size_mrad):g} mrad/px gives a "
+            f"disk radius of {r:.3g} px on a {'x'.join(str(int(v)) for v in tuple(detector_shape)[-2:])} px detector; "
+            f"expected 1-{size} px: check convergence_mrad and pixel_size_mrad (units mrad, mrad/px)")
+    return r
 
 
 def frame_chunks(shape, itemsize: int, rows: int | None = None,
@@ -407,7 +435,8 @@ class FourDSTEM:
 
         Codes (see :data:`FRAME_STATUS_REASONS`): 0 ok, 1 non-finite values (NaN/inf),
         2 empty (all-zero), 3 saturated (more than 1 % of the pixels at or above the
-        saturation value). The first matching code wins.
+        saturation value), 4 negative counts (see :data:`NEGATIVE_FRACTION`). The first
+        matching code wins.
 
         Parameters
         ----------
@@ -426,6 +455,13 @@ class FourDSTEM:
             if block.size == 0:
                 return out
             npx = block.shape[2] * block.shape[3]
+            if block.dtype.kind in "if":
+                with np.errstate(invalid="ignore"):
+                    lo = np.nanmin(np.where(np.isfinite(block), block, 0), axis=(2, 3)) if is_float else \
+                        block.min(axis=(2, 3))
+                    hi = np.nanmax(np.where(np.isfinite(block), block, 0), axis=(2, 3)) if is_float else \
+                        block.max(axis=(2, 3))
+                out[lo < -NEGATIVE_FRACTION * np.maximum(hi.astype(np.float64), 1.0)] = 4
             if sat is not None:
                 nsat = (block >= sat).sum(axis=(2, 3))
                 out[nsat > SATURATED_FRACTION * npx] = 3

@@ -329,14 +329,33 @@ def _no_extra(kw, reader):
         raise TypeError(f"unexpected option(s) for the {reader} reader: {sorted(kw)}")
 
 
-def _load_npy(path, calibration, chunks, scan_shape=None, **kw) -> FourDSTEM:
-    _no_extra(kw, "npy")
+def open_npy(path) -> np.ndarray:
+    """Memory-map a plain numeric ``.npy`` array (never pickled objects); :class:`BadInputError`
+    with a plain reason for anything else (text, ``.npz``, object or complex arrays, damaged header)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        # never numpy's own message: for non-.npy bytes it suggests allow_pickle=True
+        kind = "a .npz archive" if magic[:2] == b"PK" else "not a .npy file (no NumPy header; text or another format?)"
+        raise BadInputError(f"cannot read {path!r}: it is {kind}; diffkit reads plain .npy arrays (numeric dtypes, "
+                            "no pickled objects)")
     try:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise BadInputError(f"cannot read {path!r} as a .npy file (truncated or not a numpy file?): {exc}") from None
+        msg = str(exc)
+        why = ("it holds Python objects (pickled data), which diffkit never loads"
+               if "pickle" in msg or "Python objects" in msg or "object" in msg else "truncated or damaged header")
+        raise BadInputError(f"cannot read {path!r} as a .npy file: {why}") from None
     if not isinstance(mm, np.ndarray):
         raise BadInputError(f"{path!r} does not hold a single numpy array")
+    if mm.dtype.kind not in "biuf":
+        raise BadInputError(f"{path!r} holds {mm.dtype} data; diffkit needs numeric (integer or float) counts")
+    return mm
+
+
+def _load_npy(path, calibration, chunks, scan_shape=None, **kw) -> FourDSTEM:
+    _no_extra(kw, "npy")
+    mm = open_npy(path)
     file_shape, dtype = mm.shape, mm.dtype
     del mm
     view = validate_4d(_ShapeOnly(file_shape, dtype), path, scan_shape=scan_shape)

@@ -404,6 +404,10 @@ class PacbedPredictor:
         raw = as_batch(patterns)
         if raw.shape[-1] < 32 or raw.shape[-2] < 32:
             raise BadInputError(f"patterns must be at least 32x32 px, got {tuple(raw.shape[-2:])}")
+        if pixel_size_mrad is not None:
+            from ..data import check_disk_radius
+
+            check_disk_radius(self.convergence_mrad, pixel_size_mrad, raw.shape, "PACBED measurement")
         B = raw.shape[0]
         raw = raw.to(self.device)  # validity checks run where the data will be used
         finite = torch.isfinite(raw).all(dim=(1, 2))

@@ -49,8 +49,47 @@ def _unwrap(data, calibration):
     return a, cal
 
 
-def mean_pattern(arr, max_patterns: int = 256, region=None, scheduler=None) -> np.ndarray:
-    """Mean of up to ``max_patterns`` finite patterns spread over the scan (or a region)."""
+def _saturation_value(data, arr) -> float | None:
+    """Saturation level (counts): the data's ``saturation_value``, else the integer dtype's maximum."""
+    sat = getattr(data, "saturation_value", None)
+    if sat is None and np.dtype(arr.dtype).kind in "iu":
+        sat = float(np.iinfo(arr.dtype).max)
+    return None if sat is None else float(sat)
+
+
+def _saturated(patterns: np.ndarray, sat: float | None) -> np.ndarray:
+    """(B,) bool: more than 1 % of a pattern's pixels at or above ``sat`` (as the PACBED maps count it)."""
+    from ..data import SATURATED_FRACTION
+
+    p = np.asarray(patterns)
+    if sat is None or p.size == 0:
+        return np.zeros(len(p), bool)
+    with np.errstate(invalid="ignore"):
+        n = (p >= sat).reshape(len(p), -1).sum(1)
+    return n > SATURATED_FRACTION * p[0].size
+
+
+#: status codes of a strain map: those of the lattice fit plus the frames masked before it
+MAP_STATUS = {**STATUS, 6: "saturated (more than 1 % of pixels at the saturation value)"}
+
+
+def _mask_saturated(res: dict, patterns: np.ndarray, sat: float | None) -> dict:
+    """Saturated frames get status 6 and NaN lattice values (a clipped disk biases its centre)."""
+    bad = _saturated(patterns, sat)
+    if bad.any():
+        for k, v in res.items():
+            if k == "status":
+                v[bad] = 6
+            elif k == "n_disks":
+                v[bad] = 0
+            elif np.issubdtype(np.asarray(v).dtype, np.floating):
+                v[bad] = np.nan
+    return res
+
+
+def mean_pattern(arr, max_patterns: int = 256, region=None, scheduler=None, saturation_value=None) -> np.ndarray:
+    """Mean of up to ``max_patterns`` finite, non-empty, unsaturated patterns spread over the scan
+    (or a region); one saturated or blank frame never decides the lattice guess."""
     sy, sx = arr.shape[:2]
     m = region_mask(region, (sy, sx)) if region is not None else np.ones((sy, sx), bool)
     ys, xs = np.nonzero(m)
@@ -59,6 +98,10 @@ def mean_pattern(arr, max_patterns: int = 256, region=None, scheduler=None) -> n
 
     stack = da.stack([arr[ys[i], xs[i]] for i in sel]).compute(scheduler=scheduler).astype(np.float64)
     ok = np.all(np.isfinite(stack), axis=(1, 2)) & (stack.max(axis=(1, 2)) > 0)
+    ok &= ~_saturated(stack, saturation_value)
+    if ok.sum() >= 4:  # frames far brighter than the rest (e.g. a detector glitch) would dominate the mean
+        tot = stack.sum(axis=(1, 2))
+        ok &= tot <= 20 * np.median(tot[ok])
     if not ok.any():
         raise BadInputError("no finite, non-empty pattern found for the lattice guess")
     return stack[ok].mean(0)
@@ -339,6 +382,15 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     """
     arr, cal = _unwrap(data, calibration)
     sy, sx = arr.shape[:2]
+    if cal is not None and cal.pixel_size_mrad:
+        from ..data import MAX_PIXEL_SIZE_MRAD, check_disk_radius
+
+        if cal.convergence_mrad:
+            check_disk_radius(cal.convergence_mrad, cal.pixel_size_mrad, arr.shape, "strain map")
+        elif cal.pixel_size_mrad > MAX_PIXEL_SIZE_MRAD:
+            raise BadInputError(f"strain map: pixel size {cal.pixel_size_mrad:g} mrad/px is not a diffraction "
+                                f"detector's (at most {MAX_PIXEL_SIZE_MRAD:g} mrad/px); check the unit")
+    sat = _saturation_value(data, arr)
     if method not in ("anchor-free", "subimage-cnn"):
         raise BadInputError(f"method must be 'anchor-free' or 'subimage-cnn', got {method!r}")
     from .detect import normalise_refine, select_disk_models
@@ -360,7 +412,8 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     client = scheduler if hasattr(scheduler, "submit") else None
     sched = None if client is not None else scheduler
     if guess is None:
-        guess = lattice_guess(mean_pattern(arr, scheduler=sched if client is None else None), cal, models)
+        guess = lattice_guess(mean_pattern(arr, scheduler=sched if client is None else None, saturation_value=sat),
+                              cal, models)
     G_guess, o_guess, hk = (np.asarray(guess[0], float), np.asarray(guess[1], float), np.asarray(guess[2], int))
     model_fit = None
     if table is not None:
@@ -422,7 +475,7 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
         for i in todo:
             blk = arr[i * chunk_rows:min(sy, (i + 1) * chunk_rows)]
             f = client.submit(_process_block, blk, (G_guess, o_guess, hk), cal, method, weights, refine, models.source,
-                              None if model_fit is None else (model_fit[0].spec, model_fit[1]), pure=False)
+                              None if model_fit is None else (model_fit[0].spec, model_fit[1]), sat, pure=False)
             futs[f] = i
         for f in as_completed(futs):
             finish_block(futs[f], f.result())
@@ -430,9 +483,10 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
         for i in todo:
             r0, r1 = i * chunk_rows, min(sy, (i + 1) * chunk_rows)
             blk = arr[r0:r1].compute(scheduler=sched) if sched is not None else arr[r0:r1].compute()
-            res = process_patterns(np.asarray(blk, np.float32).reshape(-1, *arr.shape[2:]), (G_guess, o_guess, hk),
-                                   cal, method, models, weights=weights, refine=refine, model_fit=model_fit)
-            finish_block(i, res)
+            pats = np.asarray(blk, np.float32).reshape(-1, *arr.shape[2:])
+            res = process_patterns(pats, (G_guess, o_guess, hk), cal, method, models, weights=weights, refine=refine,
+                                   model_fit=model_fit)
+            finish_block(i, _mask_saturated(res, pats, sat))
     if bar is not None:
         bar.close()
     ds = strain_dataset(out, ref_mask, frame_rotation_deg, cal)
@@ -448,7 +502,7 @@ def map_strain(data, reference_region=None, *, calibration=None, method: str = "
     return ds
 
 
-def _process_block(blk, guess, cal, method, weights, refine, model_source="", model_spec=None):
+def _process_block(blk, guess, cal, method, weights, refine, model_source="", model_spec=None, saturation_value=None):
     from .detect import load_disk_models, select_disk_models
 
     b = np.asarray(blk, np.float32)
@@ -458,8 +512,9 @@ def _process_block(blk, guess, cal, method, weights, refine, model_source="", mo
         from .nbed import disk_intensity_table
 
         model_fit = (disk_intensity_table(model_spec[0]), model_spec[1])
-    return process_patterns(b.reshape(-1, *b.shape[2:]), guess, cal, method, models, weights=weights,
-                            refine=refine, model_fit=model_fit)
+    pats = b.reshape(-1, *b.shape[2:])
+    return _mask_saturated(process_patterns(pats, guess, cal, method, models, weights=weights, refine=refine,
+                                            model_fit=model_fit), pats, saturation_value)
 
 
 def strain_dataset(fields: dict, reference_mask, frame_rotation_deg: float = 0.0, calibration=None):
@@ -496,7 +551,7 @@ def strain_dataset(fields: dict, reference_mask, frame_rotation_deg: float = 0.0
                              "theta = atan2(F_yx - F_xy, F_xx + F_yy) (polar decomposition)",
         "frame": f"detector (x, y) axes rotated by {frame_rotation_deg} deg",
         "reference_G_px": G0.tolist(),
-        "status_codes": json.dumps({int(k): v for k, v in STATUS.items()}),
+        "status_codes": json.dumps({int(k): v for k, v in MAP_STATUS.items()}),
     })
     if calibration is not None and calibration.pixel_size_mrad and calibration.beam_energy_kv:
         from ..sim.scattering import wavelength_angstrom
