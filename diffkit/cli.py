@@ -290,13 +290,14 @@ def cmd_demo(args):
                             replace_stale=True)
     cmd_map(ns)
     if args.serve:
-        cmd_serve(argparse.Namespace(port=args.port, address=args.address, show=False, apps=None))
+        cmd_serve(argparse.Namespace(port=args.port, address=args.address, show=False, apps=None, catalog_root=None))
 
 
 def cmd_serve(args):
     from .ui import serve
 
-    serve(apps=args.apps, port=args.port, address=args.address, show=args.show)
+    serve(apps=args.apps, port=args.port, address=args.address, show=args.show,
+          catalog_roots=getattr(args, "catalog_root", None))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -420,6 +421,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=5006)
     p.add_argument("--address", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     p.add_argument("--show", action="store_true")
+    p.add_argument("--catalog-root", action="append", default=None, metavar="DIR",
+                   help="folder the catalog box may open catalogs from (repeatable; default: the bundled catalogs "
+                        "and the working directory)")
     p.set_defaults(func=cmd_serve)
 
     args = ap.parse_args(argv)  # usage errors: argparse prints them and exits with status 2

@@ -33,6 +33,57 @@ def default_catalog() -> str:
         return str(DEMO_CATALOG)
 
 
+#: Environment variable naming the folders (``os.pathsep``-separated) the catalog box may open
+#: catalogs from; set by ``diffkit serve --catalog-root`` / ``serve(catalog_roots=...)``.
+ROOTS_ENV = "DIFFKIT_CATALOG_ROOTS"
+
+
+def catalog_roots() -> list[str]:
+    """Folders the catalog box opens catalogs from: ``$DIFFKIT_CATALOG_ROOTS`` when set, else the
+    bundled catalogs folder and the working directory; plus the folder of ``$DIFFKIT_CATALOG``."""
+    env = os.environ.get(ROOTS_ENV, "")
+    roots = [r for r in env.split(os.pathsep) if r.strip()] or [str(DEMO_CATALOG.parent), os.getcwd()]
+    dc = os.environ.get("DIFFKIT_CATALOG", "")
+    if dc and "://" not in dc and "::" not in dc and not dc.lower().startswith("data:"):
+        roots.append(os.path.dirname(os.path.abspath(dc)))
+    return [os.path.realpath(r) for r in roots]
+
+
+def check_catalog_path(path: str, roots=None) -> str:
+    """The real path of a catalog typed into the box, if it is a local file under one of ``roots``
+    (default :func:`catalog_roots`); else :class:`~diffkit.errors.UnsafeCatalogError` (no URLs,
+    no ``data:``, nothing outside the roots, symbolic links resolved)."""
+    from ..errors import UnsafeCatalogError
+
+    s = str(path).strip()
+    low = s.lower()
+    if low.startswith("data:") or "::" in s or ("://" in s and not low.startswith("file://")):
+        raise UnsafeCatalogError(f"catalog {s!r}: only local catalog files can be opened here (no URLs)")
+    real = os.path.realpath(s[7:] if low.startswith("file://") else s)
+    roots = catalog_roots() if roots is None else [os.path.realpath(r) for r in roots]
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        shown = ", ".join(short_source(r) or "." for r in roots)
+        raise UnsafeCatalogError(f"catalog {s!r} is not under a folder this server opens catalogs from ({shown})")
+    return real
+
+
+def catalog_error_text(exc: BaseException) -> str:
+    """What the page may say about a catalog that did not open: never text from the file itself
+    (the details go to the server log)."""
+    from ..errors import BadInputError, UnsafeCatalogError
+
+    if isinstance(exc, UnsafeCatalogError) and str(exc).startswith("catalog "):
+        return str(exc)  # from check_catalog_path: names only what the visitor typed
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, UnsafeCatalogError):
+        return ("refused by the safe catalog loader (it names something outside diffkit's allow-list or reads "
+                "outside its folder; details in the server log)")
+    if isinstance(exc, BadInputError):
+        return "not a diffkit catalog (details in the server log)"
+    return f"{type(exc).__name__} (details in the server log)"
+
+
 def as_numpy(x) -> np.ndarray:
     """Compute dask/xarray objects and return a numpy array."""
     if hasattr(x, "compute") and not isinstance(x, np.ndarray):
@@ -76,8 +127,11 @@ class CatalogSource(param.Parameterized):
     error = param.String(default="", doc="Last error opening the catalog or reading an entry")
     describe = param.Dict(default={}, doc="Short description of each entry")
 
-    def __init__(self, preferred=(), autoload: bool = True, **params):
+    def __init__(self, preferred=(), autoload: bool = True, roots=None, **params):
         params.setdefault("catalog_path", default_catalog() if autoload else "")
+        #: folders catalogs may be opened from (default :func:`catalog_roots`, read at each open)
+        self._roots = None if roots is None else list(roots)
+        self._real_path = None
         self._preferred = tuple(preferred)
         self._catalog = None
         self._cache: dict = {}
@@ -96,17 +150,20 @@ class CatalogSource(param.Parameterized):
             self.entry = None
             self.error = "No catalog given."
             return
+        self._real_path = None
         try:
             from ..catalog import open_catalog
 
-            cat = open_catalog(path)
+            real = check_catalog_path(path, self._roots)
+            cat = open_catalog(real)
             names = list(cat)
-        except Exception as exc:  # noqa: BLE001 - shown to the user
+        except Exception as exc:  # noqa: BLE001 - shown to the user (without file contents)
             log_exception(exc)
             self.param.entry.objects = []
             self.entry = None
-            self.error = f"Could not open catalog {path!r}: {error_text(exc)}"
+            self.error = f"Could not open catalog {path!r}: {catalog_error_text(exc)}"
             return
+        self._real_path = real
         self._catalog = cat
         self.describe = self._describe(cat, names)
         self.param.entry.objects = names
@@ -147,7 +204,9 @@ class CatalogSource(param.Parameterized):
             if user_parameters:
                 from ..catalog import open_catalog
 
-                cat = open_catalog(self.catalog_path, **user_parameters)
+                if self._real_path is None:
+                    raise LookupError(self.error or "catalog not open")
+                cat = open_catalog(self._real_path, **user_parameters)
             else:
                 cat = self._catalog
             if cat is None:
@@ -178,6 +237,9 @@ def source_widgets(source: CatalogSource, given_data=None):
 def make_source(catalog, entry, default_entry, data):
     """The component's :class:`CatalogSource` (not opened when ``data`` is given)."""
     kw = {"catalog_path": catalog} if catalog else {}
+    # a catalog given in Python (not typed into the box) is trusted: its folder joins the roots
+    if catalog and "://" not in str(catalog) and "::" not in str(catalog):
+        kw["roots"] = catalog_roots() + [os.path.dirname(os.path.realpath(str(catalog)))]
     src = CatalogSource(preferred=(entry,) if entry else (default_entry,), autoload=data is None, **kw)
     if entry and entry in src.param.entry.objects and src.entry != entry:
         src.entry = entry

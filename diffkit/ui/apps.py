@@ -49,7 +49,7 @@ def app(name: str):
 
 
 def serve(apps=None, port: int = 5006, address: str = "127.0.0.1", show: bool = False, threaded: bool = False,
-          websocket_origin=None, **kw):
+          websocket_origin=None, catalog_roots=None, **kw):
     """Serve the dashboards with :func:`panel.serve` (blocking unless ``threaded``).
 
     Parameters
@@ -67,11 +67,20 @@ def serve(apps=None, port: int = 5006, address: str = "127.0.0.1", show: bool = 
         Run the server in a background thread and return it (tests, notebooks).
     websocket_origin : list of str, optional
         Allowed websocket origins (default: ``localhost:<port>`` and ``<address>:<port>``).
+    catalog_roots : list of paths, optional
+        Folders the catalog box may open catalogs from (default: the bundled catalogs and the
+        working directory); stored in ``$DIFFKIT_CATALOG_ROOTS`` for the sessions.
     **kw
         Passed on to :func:`panel.serve`.
     """
+    import os
+
     import panel as pn
 
+    from ._common import ROOTS_ENV
+
+    if catalog_roots:
+        os.environ[ROOTS_ENV] = os.pathsep.join(os.path.realpath(os.fspath(r)) for r in catalog_roots)
     names = list(apps) if apps else list(APPS)
     unknown = [n for n in names if n not in APPS]
     if unknown:
