@@ -58,6 +58,21 @@ def cmd_simulate(args):
         out = args.out or f"catalogs/data/sto_pacbed_wedge{'' if args.convergence < 16 else '_19mrad'}.zarr"
         write_demo_scan(out, spec)
         print(f"wrote {out}")
+    elif args.what == "testset":
+        from .sim.testset import MultisliceTestSetSpec, build_multislice_testset
+
+        if args.physics != "multislice":
+            raise SystemExit("diffkit simulate testset: --physics multislice is the only independent physics so far")
+        kw = {k: v for k, v in dict(n_tilts=args.n_tilts, thicknesses_per_tilt=args.per_tilt, n_phonons=args.phonons,
+                                    sampling_A=args.sampling, cells=args.cells, seed=args.seed).items() if v is not None}
+        if args.thickness:
+            kw["thickness_nm"] = tuple(args.thickness)
+        spec = MultisliceTestSetSpec(material=args.material, zone=args.zone, energy_kv=args.kv,
+                                     convergence_mrad=args.convergence, **kw)
+        out = args.out or f"{args.material}_{args.zone}_{args.convergence:g}mrad_multislice_testset.npz"
+        test = build_multislice_testset(spec, out=out, cache_dir=args.cache)
+        print(f"wrote {out}: {len(test['patterns'])} patterns, {spec.n_tilts} tilts (multislice, own phonon seeds and "
+              f"Debye-Waller draws); score a model with: diffkit evaluate pacbed --test-set {out}")
     elif args.what == "strain-demo":
         from .strain import make_strain_demo_scan
 
@@ -107,6 +122,8 @@ def cmd_evaluate(args):
     from .pacbed import load_predictor
     from .sim.pacbed import build_pacbed_library
 
+    if args.test_set:
+        return _evaluate_test_set(args)
     pred = load_predictor(material=args.material, zone=args.zone, energy_kv=args.kv, convergence_mrad=args.convergence)
     lib = build_pacbed_library(default_spec(args.material, args.zone, args.kv, args.convergence), cache_dir=args.cache)
     test = make_test_set(lib, n=args.n, seed=args.seed)
@@ -151,6 +168,36 @@ def cmd_evaluate(args):
         print(f"held-out table written to {card_path}")
 
 
+def _evaluate_test_set(args):
+    """Score the model matching a stored test set (e.g. multislice) with the model card's table."""
+    from .models.pacbed_eval import evaluate
+    from .pacbed import load_predictor
+    from .sim.testset import load_testset
+
+    test = load_testset(args.test_set)
+    ts = test["meta"]["spec"]
+    pred = load_predictor(material=ts["material"], zone=ts["zone"], energy_kv=ts["energy_kv"],
+                          convergence_mrad=ts["convergence_mrad"])
+    rep, _ = evaluate(pred, test)
+    rep["test_set"] = {"physics": test["meta"].get("physics"), "spec": ts}
+    print(json.dumps(rep, indent=1))
+    own = pred.card.get("held_out", {})
+    keys = ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "thickness_coverage_68",
+            "thickness_coverage_95", "ood_flag_rate"]
+    print(f"{'metric':28s} {'this set':>9s} {'own simulator (card)':>21s}")
+    for k in keys:
+        print(f"{k:28s} {rep[k]:9.3f} {own.get(k, float('nan')):21.3f}")
+    if args.update_card:
+        from .models.registry import write_card
+
+        card_path = pathlib.Path(pred.card["card_path"])
+        card = json.loads(card_path.read_text())
+        rep["command"] = f"diffkit evaluate pacbed --test-set {pathlib.Path(args.test_set).name}"
+        card.setdefault("cross_physics", {})[test["meta"].get("physics", "other")] = rep
+        write_card(card_path, card)
+        print(f"cross-physics table written to {card_path}")
+
+
 def cmd_calibrate(args):
     from .models.train import recalibrate
     from .pacbed import load_predictor
@@ -182,8 +229,9 @@ def cmd_predict(args):
     print(res.to_dataframe().T.to_string() if hasattr(res, "to_dataframe") else res)
 
 
-class CliError(Exception):
-    """A problem the command line reports in one line (exit status 1)."""
+class CliError(SystemExit):
+    """A problem the command line reports in one line (exit status 1); a ``SystemExit`` so that
+    commands called from Python stop the same way."""
 
 
 def calibration_args(p):
@@ -339,9 +387,19 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("simulate", help="build a PACBED library or a simulated demo scan")
-    p.add_argument("what", choices=["library", "demo", "strain-demo"])
+    p.add_argument("what", choices=["library", "demo", "strain-demo", "testset"],
+                   help="testset: independent PACBED test set (frozen-phonon multislice, its own seeds and "
+                        "Debye-Waller draws) for 'diffkit evaluate pacbed --test-set'")
     model_args(p)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output path")
+    p.add_argument("--physics", default="multislice", choices=["multislice"], help="testset: simulation physics")
+    p.add_argument("--n-tilts", type=int, default=None, help="testset: tilts (one multislice run each)")
+    p.add_argument("--per-tilt", type=int, default=None, help="testset: thicknesses per tilt")
+    p.add_argument("--thickness", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="testset: nm")
+    p.add_argument("--phonons", type=int, default=None, help="testset: frozen-phonon configurations")
+    p.add_argument("--sampling", type=float, default=None, help="testset: real-space sampling (Å)")
+    p.add_argument("--cells", type=int, default=None, help="testset: supercell size (unit cells per side)")
+    p.add_argument("--seed", type=int, default=None, help="testset: seed of every draw")
     p.add_argument("--scan", type=int, default=None, help="scan size (positions per side) for demo scans")
     p.set_defaults(func=cmd_simulate)
 
@@ -372,6 +430,8 @@ def main(argv=None) -> int:
     model_args(p)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=424242)
+    p.add_argument("--test-set", default=None, metavar="NPZ",
+                   help="score the matching shipped model on a stored test set (diffkit simulate testset) instead")
     p.add_argument("--update-card", action="store_true", help="write the table into the model card (after pipeline changes)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also write calibration curves (observed vs nominal interval coverage) to this image")
@@ -432,6 +492,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except CliError as exc:
+        print(f"diffkit {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # raised by a command with a message (or a status)
         if exc.code in (None, 0):
             return 0
