@@ -34,23 +34,36 @@ def make_test_set(lib, n: int = 2000, seed: int = 424242, out_px: int = 128, pix
     test_t = th[np.abs(th - np.round(th)) > 0.25] if held_out else th
     sampler = LibrarySampler(lib, test_t)
     rng = np.random.default_rng(seed)
+    pats, t, tx, ty = sampler.draw(n, rng, interpolate=continuous)
+    return render_test_set(pats, t, tx, ty, rng, seed, float(lib.attrs["disk_radius_px"]),
+                           float(lib.attrs["pixel_size_mrad"]), out_px, pixel_ratio, ranges)
+
+
+def render_test_set(pats, t, tx, ty, rng, seed: int, disk_radius_px: float, pixel_size_mrad: float,
+                    out_px: int = 128, pixel_ratio: float = 0.7, ranges: DetectorRanges = TEST_RANGES) -> dict:
+    """Put library-grid patterns (n, H, W) on raw detector frames with drawn effects; the test-set dict.
+
+    ``disk_radius_px`` and ``pixel_size_mrad`` describe the input grid; ``pixel_ratio`` is the
+    detector pixel over the input pixel. Truths: thickness (nm), signed tilts (mrad), dose, centre
+    (px), disk radius (px), rotation (deg) and the detector pixel size (mrad).
+    """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    pats, t, tx, ty = sampler.draw(n, rng, interpolate=continuous)
+    n = len(pats)
+    gen = torch.Generator().manual_seed(int(seed))
     p = random_params(n, rng, ranges)
     x = apply_detector(pats, p, out_px=out_px, pixel_ratio=pixel_ratio, generator=gen).numpy()
-    R = float(lib.attrs["disk_radius_px"])
     c = (out_px - 1) / 2
     k, phi = similarity_part(p.affine)
     return {
-        "patterns": x, "thickness_nm": t, "tilt_x_mrad": tx, "tilt_y_mrad": ty, "dose": p.dose,
+        "patterns": x, "thickness_nm": np.asarray(t, np.float32), "tilt_x_mrad": np.asarray(tx, np.float32),
+        "tilt_y_mrad": np.asarray(ty, np.float32), "dose": p.dose,
         "center_y_px": c + p.shift_px[:, 0], "center_x_px": c + p.shift_px[:, 1],
         # the residual affine distortion has a scale and a rotation part of its own (up to ~1 % and
         # ~0.6 deg at affine=0.01): the truth is the overall best-fit similarity transform
-        "disk_radius_px": R * p.scale * k / pixel_ratio,
+        "disk_radius_px": disk_radius_px * p.scale * k / pixel_ratio,
         "rotation_deg": wrap_rotation_deg(-p.rotation_deg + phi),
-        "pixel_size_mrad": float(lib.attrs["pixel_size_mrad"]) * pixel_ratio,
+        "pixel_size_mrad": pixel_size_mrad * pixel_ratio,
     }
 
 
