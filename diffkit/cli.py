@@ -192,7 +192,7 @@ def _evaluate_test_set(args):
 
         card_path = pathlib.Path(pred.card["card_path"])
         card = json.loads(card_path.read_text())
-        rep["command"] = f"diffkit evaluate pacbed --test-set {pathlib.Path(args.test_set).name}"
+        rep["command"] = f"diffkit evaluate pacbed --test-set {args.test_set}"
         card.setdefault("cross_physics", {})[test["meta"].get("physics", "other")] = rep
         write_card(card_path, card)
         print(f"cross-physics table written to {card_path}")

@@ -54,3 +54,15 @@ def test_bad_test_set_files(tmp_path):
     np.savez(tmp_path / "foreign.npz", x=np.zeros(3))
     with pytest.raises(BadInputError, match="not a diffkit PACBED test set"):
         load_testset(tmp_path / "foreign.npz")
+
+
+def test_card_cross_physics_row_reproduces():
+    """The model card's multislice row is what the stored independent test set gives today."""
+    from diffkit.models.pacbed_eval import evaluate
+    from diffkit.pacbed import load_predictor
+
+    pred = load_predictor(material="SrTiO3", zone="001", energy_kv=200, convergence_mrad=13.6)
+    card = pred.card["cross_physics"]["multislice"]
+    rep, _ = evaluate(pred, load_testset("tests/data/multislice_testset_sto_13.6mrad.npz"))
+    for k in ("thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "thickness_coverage_68"):
+        assert abs(rep[k] - card[k]) <= 0.05, k

@@ -38,12 +38,12 @@ class MultisliceTestSetSpec:
     convergence_mrad: float = 13.6
     thickness_nm: tuple = (2.0, 118.0)
     tilt_max_mrad: float = 3.5
-    n_tilts: int = 8
+    n_tilts: int = 5
     thicknesses_per_tilt: int = 8
     b_jitter: float = 0.2
     cells: int = 6
     sampling_A: float = 0.09
-    n_phonons: int = 6
+    n_phonons: int = 4
     scan_per_cell: int | None = None
     seed: int = 910001
     out_px: int = 128
