@@ -54,6 +54,9 @@ import time
 import numpy as np
 
 from diffkit.sim.bloch import BlochSolver
+from diffkit.sim.compare import bloch_pacbed_on_samples as _bloch_on_samples
+from diffkit.sim.compare import ncc
+from diffkit.sim.multislice import bin_weights
 from diffkit.sim.crystals import srtio3_001
 from diffkit.sim.pacbed import LibrarySpec, aperture_points, build_pacbed_library
 
@@ -61,33 +64,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 REFERENCE = HERE.parent / "tests" / "data" / "abtem_reference_sto_13.6mrad.npz"
 
 
-def ncc(a, b) -> float:
-    """Normalised cross-correlation (Pearson r over pixels)."""
-    a = np.asarray(a, float).ravel()
-    b = np.asarray(b, float).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a @ b) / np.sqrt((a @ a) * (b @ b)))
-
-
 def static_crystal(crystal=None):
     """The crystal with every Debye-Waller B set to 0 (static lattice, as an abTEM potential)."""
     crystal = crystal or srtio3_001()
     return dataclasses.replace(crystal, sites=tuple(dataclasses.replace(s, b_iso=0.0) for s in crystal.sites))
-
-
-def bin_weights(k_samples: np.ndarray, n_px: int, px: float) -> np.ndarray:
-    """(n_px, n_samples) weights that bin samples at ``k_samples`` (mrad, uniform spacing) onto
-    pixels of width ``px`` whose edges lie at whole multiples of ``px`` (centres at
-    ``(i - (n_px-1)/2) * px``). Each sample is a box of the sample spacing; its weight in a
-    pixel is the overlapping fraction, so intensity is conserved inside the field."""
-    k = np.asarray(k_samples, float)
-    s = float(np.median(np.diff(k)))
-    lo = (k - s / 2) / px + n_px / 2  # sample box edges in pixel units from the field's left edge
-    hi = (k + s / 2) / px + n_px / 2
-    edges = np.arange(n_px + 1, dtype=float)
-    W = np.clip(np.minimum(hi[None, :], edges[1:, None]) - np.maximum(lo[None, :], edges[:-1, None]), 0, None)
-    return W / ((hi - lo)[None, :])
 
 
 def abtem_to_diffkit_grid(pattern_xy: np.ndarray, kx: np.ndarray, ky: np.ndarray, n_px: int, px: float) -> np.ndarray:
@@ -111,34 +91,8 @@ def abtem_at_pixel_centres(pattern_xy, kx, ky, n_px: int, px: float):
 
 
 def bloch_pacbed_on_samples(solver: BlochSolver, kx, ky, alpha_mrad, tilt_mrad, thickness_nm, batch: int = 64):
-    """PACBED of the Bloch solution evaluated directly on a uniform (kx, ky) sample grid that
-    contains k = 0 and whose spacing divides the reciprocal lattice (abTEM's grid).
-
-    Partial waves p are the grid points with |p| <= alpha; beam g of partial wave p lands on
-    sample p + g; the crystal-frame incident direction is p + tilt. Returns (n_thickness, nkx,
-    nky), normalised like abTEM (sum over all partial waves = 1)."""
-    kx = np.asarray(kx, float)
-    ky = np.asarray(ky, float)
-    s = kx[1] - kx[0]
-    i0, j0 = int(np.argmin(np.abs(kx))), int(np.argmin(np.abs(ky)))
-    m = solver.wavelength / solver.crystal.a * 1e3 / s  # samples per reciprocal vector
-    if abs(m - round(m)) > 1e-3:
-        raise ValueError(f"sample spacing {s} mrad does not divide the reciprocal lattice ({m} samples per g)")
-    m = int(round(m))
-    P = np.stack(np.meshgrid(np.arange(len(kx)) - i0, np.arange(len(ky)) - j0, indexing="ij"), -1).reshape(-1, 2)
-    P = P[np.hypot(P[:, 0], P[:, 1]) * s <= alpha_mrad]
-    q = P * s + np.asarray(tilt_mrad, float)[None, :]
-    z = np.asarray(thickness_nm, float)
-    out = np.zeros((len(z), len(kx), len(ky)))
-    hk = solver.hk * m
-    for b0 in range(0, len(P), batch):
-        I = solver.beam_intensities(q[b0:b0 + batch], z)  # (B, n_beams, T)
-        tx = P[b0:b0 + batch, None, 0] + hk[None, :, 0] + i0
-        ty = P[b0:b0 + batch, None, 1] + hk[None, :, 1] + j0
-        ok = (tx >= 0) & (tx < len(kx)) & (ty >= 0) & (ty < len(ky))
-        for t in range(len(z)):
-            np.add.at(out[t], (tx[ok], ty[ok]), I[..., t][ok])
-    return out / len(P)
+    """:func:`diffkit.sim.compare.bloch_pacbed_on_samples` in abTEM's (thickness, kx, ky) array order."""
+    return np.swapaxes(_bloch_on_samples(solver, ky, kx, alpha_mrad, tilt_mrad, thickness_nm, batch), -1, -2)
 
 
 def count_library_directions(spec: LibrarySpec) -> int:

@@ -22,18 +22,12 @@ import numpy as np
 import pytest
 
 from diffkit.sim.bloch import BlochSolver
+from diffkit.sim.compare import ncc
 from diffkit.sim.crystals import srtio3_001
 from diffkit.sim.pacbed import LibrarySpec, build_pacbed_library
 
 REF_PATH = pathlib.Path(__file__).parent / "data" / "abtem_reference_sto_13.6mrad.npz"
 G_MAX = 2.5  # 1/Å; smaller values are not converged for a static (B = 0) lattice at 60-100 nm
-
-
-def ncc(a, b) -> float:
-    a = np.asarray(a, float).ravel()
-    b = np.asarray(b, float).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
 def static_srtio3():
