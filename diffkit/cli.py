@@ -149,23 +149,36 @@ def cmd_evaluate(args):
             i68, i95 = c["levels"].index(0.7), c["levels"].index(0.95)
             print(f"{name}: thickness interval coverage at nominal 70 / 95 %: {c['thickness'][i68]:.3f} / "
                   f"{c['thickness'][i95]:.3f}; tilt {c['tilt'][i68]:.3f} / {c['tilt'][i95]:.3f}")
-    shipped = pred.card.get("held_out", {})
-    print(json.dumps(rep, indent=1))
-    keys = ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "tilt_within_0.5mrad",
-            "center_within_1px", "size_within_1pct", "rotation_within_1deg", "thickness_coverage_68", "thickness_coverage_95"]
-    print(f"{'metric':28s} {'this run':>9s} {'model card':>10s}")
-    for k in keys:
-        print(f"{k:28s} {rep[k]:9.3f} {shipped.get(k, float('nan')):10.3f}")
+    _report(rep, pred.card.get("held_out", {}), "this run", "model card",
+            ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "tilt_within_0.5mrad",
+             "center_within_1px", "size_within_1pct", "rotation_within_1deg", "thickness_coverage_68",
+             "thickness_coverage_95"])
     if args.update_card:
-        from .models.registry import write_card
-
-        card_path = pathlib.Path(pred.card["card_path"])
-        card = json.loads(card_path.read_text())
         rep["command"] = f"diffkit evaluate pacbed --convergence {args.convergence:g} --n {args.n}" + (
             f" --plot {args.plot}" if args.plot else "")
-        card["held_out"] = rep
-        write_card(card_path, card)
-        print(f"held-out table written to {card_path}")
+        _write_card_section(pred, ("held_out",), rep)
+
+
+def _report(rep: dict, reference: dict, name: str, ref_name: str, keys) -> None:
+    """Print an evaluation as JSON, then the chosen metrics beside a reference table."""
+    print(json.dumps(rep, indent=1))
+    print(f"{'metric':28s} {name:>9s} {ref_name:>21s}")
+    for k in keys:
+        print(f"{k:28s} {rep[k]:9.3f} {reference.get(k, float('nan')):21.3f}")
+
+
+def _write_card_section(pred, path: tuple, rep: dict) -> None:
+    """Store ``rep`` in the predictor's model card under the nested keys ``path`` (checksums kept valid)."""
+    from .models.registry import write_card
+
+    card_path = pathlib.Path(pred.card["card_path"])
+    card = json.loads(card_path.read_text())
+    node = card
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = rep
+    write_card(card_path, card)
+    print(f"{'.'.join(path)} table written to {card_path}")
 
 
 def _evaluate_test_set(args):
@@ -180,22 +193,12 @@ def _evaluate_test_set(args):
                           convergence_mrad=ts["convergence_mrad"])
     rep, _ = evaluate(pred, test)
     rep["test_set"] = {"physics": test["meta"].get("physics"), "spec": ts}
-    print(json.dumps(rep, indent=1))
-    own = pred.card.get("held_out", {})
-    keys = ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "thickness_coverage_68",
-            "thickness_coverage_95", "ood_flag_rate"]
-    print(f"{'metric':28s} {'this set':>9s} {'own simulator (card)':>21s}")
-    for k in keys:
-        print(f"{k:28s} {rep[k]:9.3f} {own.get(k, float('nan')):21.3f}")
+    _report(rep, pred.card.get("held_out", {}), "this set", "own simulator (card)",
+            ["thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "thickness_coverage_68",
+             "thickness_coverage_95", "ood_flag_rate"])
     if args.update_card:
-        from .models.registry import write_card
-
-        card_path = pathlib.Path(pred.card["card_path"])
-        card = json.loads(card_path.read_text())
         rep["command"] = f"diffkit evaluate pacbed --test-set {args.test_set}"
-        card.setdefault("cross_physics", {})[test["meta"].get("physics", "other")] = rep
-        write_card(card_path, card)
-        print(f"cross-physics table written to {card_path}")
+        _write_card_section(pred, ("cross_physics", test["meta"].get("physics", "other")), rep)
 
 
 def cmd_calibrate(args):

@@ -66,3 +66,14 @@ def test_card_cross_physics_row_reproduces():
     rep, _ = evaluate(pred, load_testset("tests/data/multislice_testset_sto_13.6mrad.npz"))
     for k in ("thickness_within_1nm", "thickness_within_2nm", "tilt_within_0.25mrad", "thickness_coverage_68"):
         assert abs(rep[k] - card[k]) <= 0.05, k
+
+
+def test_cli_evaluate_test_set(capsys, tmp_path):
+    from diffkit.cli import main
+
+    rc = main(["evaluate", "pacbed", "--test-set", "tests/data/multislice_testset_sto_13.6mrad.npz"])
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    assert "thickness_within_2nm" in out and "own simulator (card)" in out
+    assert main(["evaluate", "pacbed", "--test-set", str(tmp_path / "missing.npz")]) == 1
+    assert "does not exist" in capsys.readouterr().err
