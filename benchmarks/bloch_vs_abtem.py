@@ -40,7 +40,6 @@ Diagnostic (projected potential only, no higher-order Laue zones, 4x4-cell super
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -66,8 +65,7 @@ REFERENCE = HERE.parent / "tests" / "data" / "abtem_reference_sto_13.6mrad.npz"
 
 def static_crystal(crystal=None):
     """The crystal with every Debye-Waller B set to 0 (static lattice, as an abTEM potential)."""
-    crystal = crystal or srtio3_001()
-    return dataclasses.replace(crystal, sites=tuple(dataclasses.replace(s, b_iso=0.0) for s in crystal.sites))
+    return (crystal or srtio3_001()).scaled_debye_waller(0.0)
 
 
 def abtem_to_diffkit_grid(pattern_xy: np.ndarray, kx: np.ndarray, ky: np.ndarray, n_px: int, px: float) -> np.ndarray:

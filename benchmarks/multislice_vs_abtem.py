@@ -24,7 +24,6 @@ Run (small reference, ~10 min on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -83,7 +82,7 @@ def main(argv=None):
     cells = ab["static"]["cells"]
     a = 3.905
     cr = srtio3_001()
-    crs = dataclasses.replace(cr, sites=tuple(dataclasses.replace(s, b_iso=0.0) for s in cr.sites))
+    crs = cr.scaled_debye_waller(0.0)
     rows = []
     for it, tilt in enumerate(tilts):
         res = {}

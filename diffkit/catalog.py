@@ -495,20 +495,27 @@ def _check_user_parameters(ups, src, where) -> None:
                 raise _unsafe(src, f"{w}.default", x, "is a template; parameter values must be plain values")
 
 
+def _named_sections(doc: Mapping, key: str, src: str, allowed, noun: str, needs: str):
+    """Yield (name, where, mapping) for each item of section ``key`` after checking its name, type,
+    keys and user parameters."""
+    for name, d in _mapping(doc.get(key), src, key).items():
+        w = f"{key}.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise _unsafe(src, w, name, f"is not a valid {noun} name (letters, digits, '_', '.', '-')")
+        if not isinstance(d, Mapping):
+            raise BadInputError(f"catalog {src!r}: {noun} {name!r} needs a '{needs}'")
+        _only_keys(d, allowed, src, w)
+        _check_user_parameters(d.get("user_parameters"), src, f"{w}.user_parameters")
+        yield name, w, d
+
+
 def _check_structure(doc: Mapping, src: str) -> None:
     """The catalog has exactly the shape diffkit's reader needs (see the module docstring); intake
     copies every key of an entry onto its description object, so unknown keys are refused."""
     _only_keys(doc, _TOP_KEYS, src, "<root>")
     _check_user_parameters(doc.get("user_parameters"), src, "user_parameters")
     data = _mapping(doc.get("data"), src, "data")
-    for name, d in data.items():
-        w = f"data.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise _unsafe(src, w, name, "is not a valid data name (letters, digits, '_', '.', '-')")
-        if not isinstance(d, Mapping):
-            raise BadInputError(f"catalog {src!r}: data {name!r} needs a 'datatype'")
-        _only_keys(d, _DATA_KEYS, src, w)
-        _check_user_parameters(d.get("user_parameters"), src, f"{w}.user_parameters")
+    for name, w, d in _named_sections(doc, "data", src, _DATA_KEYS, "data", "datatype"):
         kw = _mapping(d.get("kwargs"), src, f"{w}.kwargs")
         _only_keys(kw, _DATA_KWARGS, src, f"{w}.kwargs")
         if not isinstance(kw.get("url"), str) or not kw["url"].strip():
@@ -530,14 +537,7 @@ def _check_structure(doc: Mapping, src: str) -> None:
             _check_plain(v, src, f"{w}.kwargs.options.{k}")
         if kw.get("reader") is not None and not isinstance(kw["reader"], str):
             raise _unsafe(src, f"{w}.kwargs.reader", kw["reader"], "must be a format name")
-    for name, e in _mapping(doc.get("entries"), src, "entries").items():
-        w = f"entries.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise _unsafe(src, w, name, "is not a valid entry name (letters, digits, '_', '.', '-')")
-        if not isinstance(e, Mapping):
-            raise BadInputError(f"catalog {src!r}: entry {name!r} needs a 'reader'")
-        _only_keys(e, _ENTRY_KEYS, src, w)
-        _check_user_parameters(e.get("user_parameters"), src, f"{w}.user_parameters")
+    for name, w, e in _named_sections(doc, "entries", src, _ENTRY_KEYS, "entry", "reader"):
         kw = _mapping(e.get("kwargs"), src, f"{w}.kwargs")
         _only_keys(kw, _ENTRY_KWARGS, src, f"{w}.kwargs")
         refs = []

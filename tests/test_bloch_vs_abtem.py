@@ -33,8 +33,7 @@ G_MAX = 2.5  # 1/Å; smaller values are not converged for a static (B = 0) latti
 def static_srtio3():
     """SrTiO3 [001] with B = 0 on every site: the static lattice of an abTEM potential (no
     Debye-Waller damping; the library's absorption ratio is then exactly 0)."""
-    cr = srtio3_001()
-    return dataclasses.replace(cr, sites=tuple(dataclasses.replace(s, b_iso=0.0) for s in cr.sites))
+    return srtio3_001().scaled_debye_waller(0.0)
 
 
 def pacbed_at_pixel_centres(solver: BlochSolver, spec: LibrarySpec, tilt_steps: int, thickness_nm):

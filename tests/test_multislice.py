@@ -14,8 +14,7 @@ REF = "tests/data/abtem_multislice_sto_small.npz"
 
 
 def static(cr=None):
-    cr = cr or srtio3_001()
-    return dataclasses.replace(cr, sites=tuple(dataclasses.replace(s, b_iso=0.0) for s in cr.sites))
+    return (cr or srtio3_001()).scaled_debye_waller(0.0)
 
 
 def on_reference_grid(d, k):

@@ -55,6 +55,13 @@ class ZoneCrystal:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def scaled_debye_waller(self, factor) -> "ZoneCrystal":
+        """Return the cell with every site's B multiplied by ``factor`` (a number, or one per site);
+        ``0`` gives the static lattice."""
+        f = np.broadcast_to(np.asarray(factor, float), (len(self.sites),))
+        return dataclasses.replace(self, sites=tuple(dataclasses.replace(s, b_iso=float(s.b_iso * v))
+                                                     for s, v in zip(self.sites, f)))
+
     def strained(self, exx: float = 0.0, eyy: float = 0.0) -> "ZoneCrystal":
         """Return the cell with its in-plane edges scaled by (1 + exx), (1 + eyy)."""
         return dataclasses.replace(self, a=self.a * (1 + exx), b=self.b * (1 + eyy))

@@ -286,7 +286,7 @@ def run_multislice(spec: MultisliceSpec, positions_A, thickness_nm, tilt_mrad=(0
     n_exit = len(exits)
     if detectors_mrad is not None:
         kk = np.hypot(ky_m[:, None], kx_m[None, :])
-        masks = torch.as_tensor(np.stack([(kk >= lo) & (kk < hi) for lo, hi in detectors_mrad]).astype(np.float32),
+        masks = torch.as_tensor(np.stack([(kk >= lo) & (kk < hi) for lo, hi in detectors_mrad]).astype(np.float64),
                                 device=device)
         acc = torch.zeros((len(pos), n_exit, len(detectors_mrad)), dtype=torch.float64, device=device)
     elif average:
@@ -316,7 +316,7 @@ def run_multislice(spec: MultisliceSpec, positions_A, thickness_nm, tilt_mrad=(0
                         I = torch.fft.fftshift(psi_k.real**2 + psi_k.imag**2, dim=(-2, -1))
                         I = I.index_select(-2, iy_t).index_select(-1, ix_t).to(torch.float64)
                         if detectors_mrad is not None:
-                            acc[b0:b0 + batch, i] += torch.einsum("byx,dyx->bd", I, masks.double())
+                            acc[b0:b0 + batch, i] += torch.einsum("byx,dyx->bd", I, masks)
                         elif average:
                             acc[i] += I.sum(0)
                         else:
@@ -355,12 +355,8 @@ def multislice_pacbed(spec: MultisliceSpec, thickness_nm, tilt_mrad=(0.0, 0.0), 
     ``spec.k_step_mrad``); values are the fraction of the incident beam per sample.
     ``tilt_mrad`` is (x, y). Keyword arguments go to :func:`run_multislice`.
     """
-    import xarray as xr
-
     r = run_multislice(spec, pacbed_positions(spec), thickness_nm, tilt_mrad, average=True, **kw)
-    return xr.DataArray(r["patterns"], dims=("thickness_nm", "ky_mrad", "kx_mrad"),
-                        coords={"thickness_nm": r["thickness_nm"], "ky_mrad": r["ky_mrad"], "kx_mrad": r["kx_mrad"]},
-                        attrs=_attrs(spec, tilt_mrad, r["seconds"]), name="pacbed")
+    return _pattern_array(r, spec, tilt_mrad, "pacbed")
 
 
 def multislice_nbed(spec: MultisliceSpec, thickness_nm, position_A=(0.0, 0.0), tilt_mrad=(0.0, 0.0), **kw):
@@ -368,14 +364,18 @@ def multislice_nbed(spec: MultisliceSpec, thickness_nm, position_A=(0.0, 0.0), t
 
     Same grid and units as :func:`multislice_pacbed`.
     """
-    import xarray as xr
-
     r = run_multislice(spec, np.asarray(position_A, float).reshape(1, 2), thickness_nm, tilt_mrad,
                        average=True, **kw)
+    return _pattern_array(r, spec, tilt_mrad, "nbed", position_A=list(map(float, position_A)))
+
+
+def _pattern_array(r: dict, spec: MultisliceSpec, tilt_mrad, name: str, **attrs):
+    """A :func:`run_multislice` result with averaged patterns as a (thickness_nm, ky_mrad, kx_mrad) DataArray."""
+    import xarray as xr
+
     return xr.DataArray(r["patterns"], dims=("thickness_nm", "ky_mrad", "kx_mrad"),
                         coords={"thickness_nm": r["thickness_nm"], "ky_mrad": r["ky_mrad"], "kx_mrad": r["kx_mrad"]},
-                        attrs={**_attrs(spec, tilt_mrad, r["seconds"]), "position_A": list(map(float, position_A))},
-                        name="nbed")
+                        attrs={**_attrs(spec, tilt_mrad, r["seconds"]), **attrs}, name=name)
 
 
 def multislice_image(spec: MultisliceSpec, thickness_nm, detectors_mrad, scan_gpts=(8, 8), tilt_mrad=(0.0, 0.0), **kw):
@@ -462,25 +462,24 @@ def build_multislice_pacbeds(spec: MultisliceSpec, tilts_mrad, thickness_nm, cac
     folder.mkdir(parents=True, exist_ok=True)
     tilts = np.asarray(tilts_mrad, float).reshape(-1, 2)
     wanted = np.array(sorted(set(spec.cells_for(thickness_nm).tolist())))
-    pats, tx = [], None
+    pats = []
     for tilt in tilts:
         tkey = hashlib.sha256(json.dumps([round(float(v), 6) for v in tilt] + wanted.tolist()).encode()).hexdigest()[:12]
         f = folder / f"tilt_{tkey}.npz"
-        da = None
+        r = None
         if f.exists():
             with np.load(f, allow_pickle=False) as z:
                 if str(z["spec_key"]) == spec.key() and np.array_equal(z["cells"], wanted):
-                    da = (z["patterns"], z["ky_mrad"], z["kx_mrad"], float(z["seconds"]))
-        if da is None:
+                    r = {k: z[k] for k in ("patterns", "ky_mrad", "kx_mrad")}
+        if r is None:
             r = run_multislice(spec, pacbed_positions(spec), wanted * spec.crystal.c / 10.0, tilt, progress=progress,
                                device=device, cancel=cancel)
             tmp = f.with_suffix(".tmp.npz")
             np.savez(tmp, patterns=r["patterns"], ky_mrad=r["ky_mrad"], kx_mrad=r["kx_mrad"], cells=wanted,
                      spec_key=spec.key(), seconds=r["seconds"])
             tmp.replace(f)
-            da = (r["patterns"], r["ky_mrad"], r["kx_mrad"], r["seconds"])
-        pats.append(da[0])
-        ky, kx = da[1], da[2]
+        pats.append(r["patterns"])
+        ky, kx = r["ky_mrad"], r["kx_mrad"]
     ds = xr.Dataset({"pattern": (("tilt", "thickness_nm", "ky_mrad", "kx_mrad"), np.stack(pats))},
                     coords={"tilt_x_mrad": ("tilt", tilts[:, 0]), "tilt_y_mrad": ("tilt", tilts[:, 1]),
                             "thickness_nm": wanted * spec.crystal.c / 10.0, "ky_mrad": ky, "kx_mrad": kx},

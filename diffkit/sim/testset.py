@@ -67,8 +67,7 @@ def _tilt_draws(spec: MultisliceTestSetSpec):
         r = spec.tilt_max_mrad * np.sqrt(rng.uniform(0, 1))
         phi = rng.uniform(0, 2 * np.pi)
         scale = rng.uniform(1 - spec.b_jitter, 1 + spec.b_jitter, len(crystal.sites))
-        sites = tuple(dataclasses.replace(s, b_iso=float(s.b_iso * f)) for s, f in zip(crystal.sites, scale))
-        out.append(((float(r * np.cos(phi)), float(r * np.sin(phi))), dataclasses.replace(crystal, sites=sites),
+        out.append(((float(r * np.cos(phi)), float(r * np.sin(phi))), crystal.scaled_debye_waller(scale),
                     int(spec.seed * 100 + i)))
     return out
 
